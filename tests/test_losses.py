@@ -1,0 +1,285 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, find, given, settings
+from hypothesis import strategies as st
+
+import minillm_func as mf
+from strategies import dpo_logps, gen, logits_and_labels, ragged_batches, seeds, splits
+
+IGN = mf.IGNORE_INDEX
+
+
+def grad_of(fn, x):
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    (g,) = torch.autograd.grad(out, x)
+    return out.detach(), g
+
+
+# --------------------------------------------------------------------------- pretrain / sft
+
+
+@given(logits_and_labels(min_counted=1))
+def test_pretrain_loss_equals_torch_cross_entropy(ll):
+    logits, labels = ll
+    ours = mf.pretrain_loss(logits, labels)
+    ref = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGN)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+@given(logits_and_labels(), st.integers(1, 5), seeds)
+def test_appended_padding_changes_neither_loss_nor_gradient(ll, extra, seed):
+    logits, labels = ll
+    B, T, V = logits.shape
+    pad_logits = torch.randn(B, extra, V, generator=gen(seed), dtype=logits.dtype) * 10
+    pad_labels = torch.full((B, extra), IGN)
+    loss, g = grad_of(lambda z: mf.pretrain_loss(z, labels), logits)
+    loss2, g2 = grad_of(lambda z: mf.pretrain_loss(z, torch.cat([labels, pad_labels], 1)),
+                        torch.cat([logits, pad_logits], 1))
+    torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g2[:, :T], g, rtol=1e-12, atol=1e-12)
+    assert torch.all(g2[:, T:] == 0)
+
+
+@given(logits_and_labels())
+def test_ignored_positions_get_exactly_zero_gradient(ll):
+    logits, labels = ll
+    _, g = grad_of(lambda z: mf.pretrain_loss(z, labels), logits)
+    ignored = labels == IGN
+    assert torch.all(g[ignored] == 0)
+    counted_rows = g[~ignored]
+    if counted_rows.numel():  # softmax minus one-hot: every counted row sums to zero and is non-zero
+        assert torch.all(counted_rows.abs().sum(-1) > 0)
+
+
+@given(logits_and_labels(), seeds)
+def test_sft_masked_loss_is_pretrain_loss_on_masked_labels(ll, seed):
+    logits, labels = ll
+    assert torch.equal(mf.sft_masked_loss(logits, labels, labels != IGN), mf.pretrain_loss(logits, labels))
+    mask = torch.rand(labels.shape, generator=gen(seed)) < 0.5
+    masked = labels.masked_fill(~mask, IGN)
+    torch.testing.assert_close(mf.sft_masked_loss(logits, labels, mask), mf.pretrain_loss(logits, masked),
+                               rtol=0, atol=0)
+
+
+@given(logits_and_labels(ignore_rate=1.0), st.booleans())
+def test_no_counted_position_gives_zero_loss_and_zero_gradient(ll, sft):
+    logits, labels = ll
+    fn = (lambda z: mf.sft_masked_loss(z, labels, torch.ones_like(labels, dtype=torch.bool))) if sft else (
+        lambda z: mf.pretrain_loss(z, labels))
+    loss, g = grad_of(fn, logits)
+    assert loss.item() == 0.0 and torch.all(g == 0)
+
+
+@given(logits_and_labels(min_counted=1), st.integers(1, 50))
+def test_explicit_num_tokens_rescales_the_summed_loss(ll, n):
+    logits, labels = ll
+    count = int((labels != IGN).sum())
+    torch.testing.assert_close(mf.pretrain_loss(logits, labels, num_tokens=n) * n,
+                               mf.pretrain_loss(logits, labels) * count, rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_logits_are_reduced_in_float32():
+    logits = torch.randn(2, 5, 17, dtype=torch.bfloat16)
+    labels = torch.randint(0, 17, (2, 5))
+    loss = mf.pretrain_loss(logits, labels)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, F.cross_entropy(logits.float().flatten(0, 1), labels.flatten()))
+
+
+def test_misaligned_shapes_raise_a_clear_error():
+    with pytest.raises(ValueError, match="do not line up"):
+        mf.pretrain_loss(torch.randn(2, 5, 7), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        mf.pretrain_loss(torch.randn(2, 5, 7), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="loss_mask"):
+        mf.sft_masked_loss(torch.randn(2, 5, 7), torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="non-negative"):
+        mf.pretrain_loss(torch.randn(2, 5, 7), torch.zeros(2, 5, dtype=torch.long), num_tokens=-1)
+
+
+# --------------------------------------------------------------------------- exact accumulation
+
+
+def linear_logits(W, feats):
+    return feats @ W
+
+
+@given(ragged_batches(), st.data())
+def test_accumulation_with_global_token_count_equals_full_batch(batch, data):
+    feats, labels = batch
+    cuts = data.draw(splits(feats.shape[0]))
+    W = torch.randn(feats.shape[-1], 7, generator=gen(0), dtype=torch.float64)
+    n = (labels != IGN).sum()
+    full, g_full = grad_of(lambda w: mf.pretrain_loss(linear_logits(w, feats), labels), W)
+
+    def accumulated(w):
+        return sum(mf.pretrain_loss(linear_logits(w, feats[a:b]), labels[a:b], num_tokens=n)
+                   for a, b in zip(cuts, cuts[1:]))
+
+    acc, g_acc = grad_of(accumulated, W)
+    torch.testing.assert_close(acc, full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_acc, g_full, rtol=1e-12, atol=1e-12)
+
+
+def mean_of_means_error(example):
+    feats, labels, cuts = example
+    W = torch.randn(feats.shape[-1], 7, generator=gen(0), dtype=torch.float64)
+    full = mf.pretrain_loss(linear_logits(W, feats), labels)
+    parts = [mf.pretrain_loss(linear_logits(W, feats[a:b]), labels[a:b]) for a, b in zip(cuts, cuts[1:])]
+    return abs(float(sum(parts) / len(parts) - full))
+
+
+def test_naive_mean_of_means_is_not_exact():
+    """The bug the global normaliser fixes: Hypothesis finds a split where the mean of means is off."""
+    examples = ragged_batches().flatmap(lambda b: splits(b[0].shape[0]).map(lambda c: (*b, c)))
+    found = find(examples, lambda ex: mean_of_means_error(ex) > 1e-3,
+                 settings=settings(max_examples=500, derandomize=True, database=None))
+    assert mean_of_means_error(found) > 1e-3
+
+
+# --------------------------------------------------------------------------- sequence_logps
+
+
+@given(logits_and_labels())
+def test_sequence_logps_sums_target_log_probs(ll):
+    logits, labels = ll
+    logps, counts = mf.sequence_logps(logits, labels)
+    per_token = -F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGN, reduction="none")
+    torch.testing.assert_close(logps, per_token.sum(-1), rtol=1e-10, atol=1e-10)
+    assert torch.equal(counts, (labels != IGN).sum(-1))
+    assert torch.all(logps <= 0)
+    _, g = grad_of(lambda z: mf.sequence_logps(z, labels)[0].sum(), logits)
+    assert torch.all(g[labels == IGN] == 0)
+
+
+# --------------------------------------------------------------------------- DPO
+
+
+def dpo(d, **kw):
+    return mf.dpo_loss(d["pc"], d["pr"], d["rc"], d["rr"], chosen_counts=d["nc"], rejected_counts=d["nr"], **kw)
+
+
+betas = st.floats(0.01, 5.0)
+
+
+@given(dpo_logps(), betas)
+def test_sigmoid_at_policy_equal_reference_is_log2(d, beta):
+    loss, m = mf.dpo_loss(d["pc"], d["pr"], d["pc"].clone(), d["pr"].clone(), beta=beta)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-12)
+    assert m["rewards/accuracies"].item() == 0.0  # ties count as wrong
+
+
+@given(dpo_logps(), betas, st.floats(0.1, 10.0))
+def test_sigmoid_depends_only_on_beta_times_margin(d, beta, k):
+    """Scaling the log-ratio margin by k and beta by 1/k leaves the loss unchanged."""
+    scaled = dict(d, pc=d["pc"] * k, pr=d["pr"] * k, rc=d["rc"] * k, rr=d["rr"] * k)
+    torch.testing.assert_close(dpo(scaled, beta=beta / k)[0], dpo(d, beta=beta)[0], rtol=1e-9, atol=1e-12)
+    h = (d["pc"] - d["rc"]) - (d["pr"] - d["rr"])
+    torch.testing.assert_close(dpo(d, beta=beta)[0], F.softplus(-beta * h).mean(), rtol=1e-12, atol=1e-12)
+
+
+@given(dpo_logps(), betas, st.sampled_from(["sigmoid", "robust", "ipo", "hinge", "simpo"]))
+def test_swapping_chosen_and_rejected_flips_the_margin(d, beta, loss_type):
+    swapped = dict(d, pc=d["pr"], pr=d["pc"], rc=d["rr"], rr=d["rc"], nc=d["nr"], nr=d["nc"])
+    _, m = dpo(d, beta=beta, loss_type=loss_type)
+    _, ms = dpo(swapped, beta=beta, loss_type=loss_type)
+    torch.testing.assert_close(ms["rewards/margins"], -m["rewards/margins"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ms["rewards/chosen"], m["rewards/rejected"], rtol=0, atol=0)
+
+
+@given(dpo_logps(), betas)
+def test_zero_smoothing_and_robust_zero_equal_sigmoid(d, beta):
+    base = dpo(d, beta=beta)[0]
+    assert torch.equal(dpo(d, beta=beta, label_smoothing=0.0)[0], base)
+    torch.testing.assert_close(dpo(d, beta=beta, loss_type="robust")[0], base, rtol=1e-12, atol=0)
+
+
+@given(dpo_logps(), betas, st.floats(0.0, 0.45))
+def test_robust_loss_is_unbiased(d, beta, eps):
+    """Under flips with rate eps, E[robust] = (1-eps) l(h) + eps l(-h) equals the clean sigmoid loss."""
+    flipped = dict(d, pc=d["pr"], pr=d["pc"], rc=d["rr"], rr=d["rc"])
+    kw = dict(beta=beta, loss_type="robust", label_smoothing=eps)
+    expected = (1 - eps) * dpo(d, **kw)[0] + eps * dpo(flipped, **kw)[0]
+    torch.testing.assert_close(expected, dpo(d, beta=beta)[0], rtol=1e-9, atol=1e-12)
+
+
+@given(dpo_logps(), betas, st.floats(-2.0, 2.0).filter(lambda x: abs(x) > 1e-3))
+def test_ipo_minimum_is_at_margin_one_over_two_beta(d, beta, delta):
+    """Set the per-token margin exactly to 1/(2 beta): loss 0 there, and larger anywhere else."""
+    n_c, n_r = d["nc"].double(), d["nr"].double()
+    target = 1 / (2 * beta)
+    at_min = dict(d, pc=d["rc"] + target * n_c, pr=d["rr"])
+    loss_min, _ = dpo(at_min, beta=beta, loss_type="ipo")
+    assert loss_min.item() < 1e-18
+    off = dict(at_min, pc=at_min["pc"] + delta * n_c)
+    loss_off, _ = dpo(off, beta=beta, loss_type="ipo")
+    assert math.isclose(loss_off.item(), delta**2, rel_tol=1e-6)
+
+
+@given(dpo_logps(), betas)
+def test_hinge_is_zero_with_zero_gradient_beyond_the_margin(d, beta):
+    h = (d["pc"] - d["rc"]) - (d["pr"] - d["rr"])
+    pc = d["pc"].clone().requires_grad_(True)
+    loss, _ = mf.dpo_loss(pc, d["pr"], d["rc"], d["rr"], beta=beta, loss_type="hinge")
+    (g,) = torch.autograd.grad(loss, pc)
+    beyond = beta * h >= 1
+    assert torch.all(g[beyond] == 0)
+    assert torch.all(g[beta * h < 1] < 0)  # below the margin it still pushes chosen up
+    if beyond.all():
+        assert loss.item() == 0.0
+
+
+@given(dpo_logps(), betas, st.floats(0.0, 2.0), logits_and_labels(max_batch=2, min_counted=1), st.integers(2, 3))
+def test_simpo_is_unchanged_when_per_token_logps_are_repeated(d, beta, gamma, ll, reps):
+    logits, labels = ll
+    s, n = mf.sequence_logps(logits, labels)
+    s_rep, n_rep = mf.sequence_logps(logits.repeat(1, reps, 1), labels.repeat(1, reps))
+    P = s.shape[0]
+    kw = dict(beta=beta, gamma=gamma, loss_type="simpo")
+    other, other_n = d["pr"][:1].expand(P), d["nr"][:1].expand(P)
+    base = mf.dpo_loss(s, other, None, None, chosen_counts=n, rejected_counts=other_n, **kw)[0]
+    rep = mf.dpo_loss(s_rep, other, None, None, chosen_counts=n_rep, rejected_counts=other_n, **kw)[0]
+    torch.testing.assert_close(rep, base, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(s_rep, s) or torch.all(s == 0)  # the sums did change
+
+
+@given(dpo_logps(), betas, st.sampled_from(["sigmoid", "robust", "ipo", "hinge", "simpo"]))
+def test_metrics_are_consistent(d, beta, loss_type):
+    loss, m = dpo(d, beta=beta, loss_type=loss_type)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(m["rewards/margins"], m["rewards/chosen"] - m["rewards/rejected"],
+                               rtol=1e-12, atol=1e-12)
+    assert 0.0 <= m["rewards/accuracies"].item() <= 1.0
+    torch.testing.assert_close(m["logps/chosen"], d["pc"].mean(), rtol=0, atol=0)
+    assert all(not v.requires_grad for v in m.values())
+
+
+@given(dpo_logps(), betas, st.data())
+def test_dpo_accumulation_with_num_pairs_is_exact(d, beta, data):
+    P = d["pc"].shape[0]
+    cuts = data.draw(splits(P))
+    full = dpo(d, beta=beta)[0]
+    parts = sum(dpo({k: v[a:b] for k, v in d.items()}, beta=beta, num_pairs=P)[0] for a, b in zip(cuts, cuts[1:]))
+    torch.testing.assert_close(parts, full, rtol=1e-12, atol=1e-12)
+
+
+def test_dpo_bad_arguments_raise_clear_errors():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        mf.dpo_loss(x, x, x, x, loss_type="kto")
+    with pytest.raises(ValueError, match="stuck at"):
+        mf.dpo_loss(x, x, x, x, beta=0.0)
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        mf.dpo_loss(x, x, x, x, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="reference"):
+        mf.dpo_loss(x, x, None, None)
+    with pytest.raises(ValueError, match="chosen_counts"):
+        mf.dpo_loss(x, x, x, x, loss_type="ipo")
+    with pytest.raises(ValueError, match="same length"):
+        mf.dpo_loss(x, torch.zeros(2), x, x)
+    with pytest.raises(ValueError, match="applies to"):
+        mf.dpo_loss(x, x, x, x, loss_type="hinge", label_smoothing=0.1)
