@@ -87,3 +87,30 @@ def dpo_logps(draw, *, max_pairs=6):
 
     counts = lambda: torch.randint(1, 9, (P,), generator=g)  # noqa: E731
     return {"pc": logps(), "pr": logps(), "rc": logps(), "rr": logps(), "nc": counts(), "nr": counts()}
+
+
+@st.composite
+def param_trees(draw, *, max_leaves=5, max_rank=3, max_side=4, dtype=torch.float64):
+    """A dict pytree (one level of nesting allowed) of random tensors of random shapes."""
+    n = draw(st.integers(1, max_leaves))
+    g = gen(draw(seeds))
+    shapes = draw(st.lists(st.lists(st.integers(1, max_side), max_size=max_rank), min_size=n, max_size=n))
+    tensors = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+    if n > 1 and draw(st.booleans()):
+        return {"w0": tensors[0], "block": {f"w{i}": t for i, t in enumerate(tensors[1:], 1)}}
+    return {f"w{i}": t for i, t in enumerate(tensors)}
+
+
+@st.composite
+def adamw_hyper(draw):
+    """Hyper-parameters for AdamW + clipping + cosine annealing, across realistic ranges."""
+    return dict(
+        lr=draw(st.sampled_from([1e-4, 1e-3, 3e-2])),
+        b1=draw(st.sampled_from([0.0, 0.8, 0.9])),
+        b2=draw(st.sampled_from([0.95, 0.999])),
+        eps=draw(st.sampled_from([1e-8, 1e-6])),
+        wd=draw(st.sampled_from([0.0, 0.01, 0.1])),
+        max_norm=draw(st.sampled_from([0.1, 1.0, 100.0])),
+        T_max=draw(st.integers(1, 20)),
+        eta_min=draw(st.sampled_from([0.0, 1e-5])),
+    )
