@@ -1,0 +1,125 @@
+"""From items to batches: padding collation and a deterministic, resumable batch order."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..losses import IGNORE_INDEX
+
+__all__ = ["collate", "Batches"]
+
+
+def _pad_value(key: str, pad_id: int) -> int:
+    if key.endswith("input_ids"):
+        return pad_id
+    if key.endswith("labels"):
+        return IGNORE_INDEX
+    if key.endswith("attention_mask"):
+        return 0
+    raise ValueError(f"collate: do not know how to pad sequence field {key!r}.")
+
+
+def collate(items: Sequence[dict], *, pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Stack items into a batch, right-padding every sequence field to one common length.
+
+    The length is the longest sequence among *all* sequence fields of the batch
+    (so ``chosen_*`` and ``rejected_*`` of a preference batch share it, and can
+    be run as one ``[2B, T]`` forward), rounded up to ``pad_to_multiple_of``.
+    ``*input_ids`` are padded with ``pad_id``, ``*labels`` with ``IGNORE_INDEX``
+    and ``*attention_mask`` with 0 (an item without a mask gets ones over its
+    length). 0-d fields (e.g. precomputed reference log-probs) are stacked.
+    """
+    if not items:
+        raise ValueError("collate: got an empty list of items.")
+    items = [dict(it) for it in items]
+    for it in items:
+        for key in [k for k in it if k.endswith("input_ids")]:
+            mask_key = key[: -len("input_ids")] + "attention_mask"
+            it.setdefault(mask_key, torch.ones_like(it[key]))
+    keys = list(items[0])
+    if any(set(it) != set(keys) for it in items):
+        raise ValueError("collate: items have different fields; batch items of one dataset only.")
+    seq_keys = [k for k in keys if items[0][k].dim() == 1]
+    T = max(int(it[k].shape[0]) for it in items for k in seq_keys) if seq_keys else 0
+    if pad_to_multiple_of:
+        T = pad_to_multiple_of * math.ceil(T / pad_to_multiple_of)
+    batch = {}
+    for k in keys:
+        if k in seq_keys:
+            value = _pad_value(k, pad_id)
+            batch[k] = torch.stack([torch.nn.functional.pad(it[k], (0, T - it[k].shape[0]), value=value)
+                                    for it in items])
+        else:
+            batch[k] = torch.stack([it[k] for it in items])
+    return batch
+
+
+class Batches:
+    """Deterministic batches over a dataset, by epoch, resumable from a position.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``: shuffled with a
+    private generator (the global RNG is untouched), or in dataset order with
+    ``shuffle=False``. ``group_by_length=True`` sorts shuffled windows of
+    ``50 * batch_size`` items by length before cutting batches, then shuffles
+    the batches (less padding, still random). ``position = (epoch, batch)`` is
+    the next batch to yield; give it back to the constructor to resume: the
+    resumed run sees exactly the batches the uninterrupted run would have seen.
+
+    Iterating runs through ``epochs`` epochs (forever when ``None``).
+    """
+
+    def __init__(self, dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, group_by_length: bool = False, epochs: int | None = None,
+                 position: tuple[int, int] = (0, 0), pad_to_multiple_of: int | None = None,
+                 collate_fn: Callable | None = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"Batches: batch_size must be a positive int, got {batch_size!r}.")
+        if len(dataset) == 0:
+            raise ValueError("Batches: the dataset is empty.")
+        if drop_last and batch_size > len(dataset):
+            raise ValueError(
+                f"Batches: batch_size={batch_size} exceeds the {len(dataset)} items and drop_last=True would "
+                "yield nothing; lower batch_size or set drop_last=False.")
+        self.dataset, self.batch_size = dataset, batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.group_by_length, self.epochs = group_by_length, epochs
+        self.position = tuple(position)
+        pad_id = getattr(getattr(dataset, "tokenizer", None), "pad_id", 0)
+        self.collate_fn = collate_fn or (lambda items: collate(items, pad_id=pad_id,
+                                                              pad_to_multiple_of=pad_to_multiple_of))
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """The index batches of ``epoch``, in order."""
+        n, B = len(self.dataset), self.batch_size
+        g = self._generator(epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        if self.group_by_length:
+            lengths = self.dataset.lengths()
+            window = 50 * B
+            order = [i for s in range(0, n, window)
+                     for i in sorted(order[s:s + window], key=lambda i: -lengths[i])]
+        batches = [order[s:s + B] for s in range(0, n, B)]
+        if self.drop_last and len(batches[-1]) < B:
+            batches.pop()
+        if self.group_by_length and self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n, B = len(self.dataset), self.batch_size
+        return n // B if self.drop_last else math.ceil(n / B)
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, start = self.position
+        while self.epochs is None or epoch < self.epochs:
+            order = self.epoch_order(epoch)
+            for b in range(start, len(order)):
+                self.position = (epoch, b + 1) if b + 1 < len(order) else (epoch + 1, 0)
+                yield self.collate_fn([self.dataset[i] for i in order[b]])
+            epoch, start = epoch + 1, 0
