@@ -163,6 +163,23 @@ class _Items:
         """Sequence length of every item (the longer of a pair), for length-grouped batching."""
         return [max(int(v.shape[0]) for k, v in item.items() if k.endswith("input_ids")) for item in self.items]
 
+    def _collect(self, name: str, kind: str, examples, tokenizer, max_length: int) -> None:
+        """Validate and tokenise ``examples`` with ``self._make``; count the ones that come back empty."""
+        _check_max_length(max_length, name)
+        if not examples:
+            raise ValueError(f"{name}: no examples given.")
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.items, self.dropped = [], []
+        for i, ex in enumerate(examples):
+            validate_record(kind, ex, f"example {i}")
+            item = self._make(ex)
+            if item is None:
+                self.dropped.append(i)
+            else:
+                self.items.append(item)
+        self.num_dropped = len(self.dropped)
+        self._report_drops(name, max_length, len(examples))
+
     def _report_drops(self, name: str, max_length: int, total: int) -> None:
         if not self.items:
             raise ValueError(
@@ -172,7 +189,7 @@ class _Items:
             warnings.warn(
                 f"{name}: {self.num_dropped} of {total} examples left no reply token to learn after truncation "
                 f"to max_length={max_length} and were dropped (indices in .dropped); raise max_length to keep them.",
-                stacklevel=3)
+                stacklevel=4)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -240,25 +257,15 @@ class ConversationDataset(_Items):
     """
 
     def __init__(self, examples: Sequence[dict], tokenizer, max_length: int):
-        _check_max_length(max_length, "ConversationDataset")
-        if not examples:
-            raise ValueError("ConversationDataset: no examples given.")
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.items, self.dropped = [], []
-        for i, ex in enumerate(examples):
-            validate_record("sft", ex, f"example {i}")
-            if "messages" in ex:
-                segments = render_messages(ex["messages"], tokenizer)
-            else:
-                segments = _prompt_segments(ex["prompt"], tokenizer) + [
-                    (tokenizer.encode(ex["completion"]) + [tokenizer.eos_id], True)]
-            item = _sequence(segments, tokenizer, max_length)
-            if item is None:
-                self.dropped.append(i)
-            else:
-                self.items.append(item)
-        self.num_dropped = len(self.dropped)
-        self._report_drops("ConversationDataset", max_length, len(examples))
+        self._collect("ConversationDataset", "sft", examples, tokenizer, max_length)
+
+    def _make(self, ex: dict) -> dict | None:
+        tok = self.tokenizer
+        if "messages" in ex:
+            segments = render_messages(ex["messages"], tok)
+        else:
+            segments = _prompt_segments(ex["prompt"], tok) + [(tok.encode(ex["completion"]) + [tok.eos_id], True)]
+        return _sequence(segments, tok, self.max_length)
 
 
 class PreferenceDataset(_Items):
@@ -274,19 +281,13 @@ class PreferenceDataset(_Items):
     """
 
     def __init__(self, examples: Sequence[dict], tokenizer, max_length: int):
-        _check_max_length(max_length, "PreferenceDataset")
-        if not examples:
-            raise ValueError("PreferenceDataset: no examples given.")
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.items, self.dropped = [], []
-        for i, ex in enumerate(examples):
-            validate_record("dpo", ex, f"example {i}")
-            prompt = _prompt_segments(ex["prompt"], tokenizer)
-            sides = {side: _sequence(prompt + [(tokenizer.encode(ex[side]) + [tokenizer.eos_id], True)],
-                                     tokenizer, max_length) for side in ("chosen", "rejected")}
-            if any(v is None for v in sides.values()):
-                self.dropped.append(i)
-                continue
-            self.items.append({f"{side}_{k}": v for side, item in sides.items() for k, v in item.items()})
-        self.num_dropped = len(self.dropped)
-        self._report_drops("PreferenceDataset", max_length, len(examples))
+        self._collect("PreferenceDataset", "dpo", examples, tokenizer, max_length)
+
+    def _make(self, ex: dict) -> dict | None:
+        tok = self.tokenizer
+        prompt = _prompt_segments(ex["prompt"], tok)
+        sides = {side: _sequence(prompt + [(tok.encode(ex[side]) + [tok.eos_id], True)], tok, self.max_length)
+                 for side in ("chosen", "rejected")}
+        if any(v is None for v in sides.values()):
+            return None
+        return {f"{side}_{k}": v for side, item in sides.items() for k, v in item.items()}
