@@ -1,10 +1,14 @@
 """A small modern decoder-only transformer, as a pair of pure functions.
 
-``build_model(cfg)`` returns ``Model(init, apply, module, config)``:
+``build_model(cfg)`` returns ``Model(init, apply, module, config, to_module, apply_with_cache)``:
 
 - ``init(seed) -> params``: a flat ``dict[str, Tensor]``, deterministic for a seed;
 - ``apply(params, input_ids, attention_mask=None) -> logits``: a pure function
   (``torch.func.functional_call``), so the same params always give the same logits;
+- ``apply_with_cache(params, input_ids, cache=None, start_pos=None, attention_mask=None)
+  -> (logits, new_cache)``: the same computation for incremental decoding. ``cache``
+  holds the keys and values of the positions seen so far and is a plain value: it
+  is never modified, a new one is returned (see :func:`empty_cache`);
 - ``module``: the ``nn.Module`` that defines the computation. It lives on the
   ``meta`` device and holds no weights of its own: it only names the params
   (``module.named_parameters()`` keys equal the params keys; tied weights appear once).
@@ -27,7 +31,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-__all__ = ["ModelConfig", "Model", "build_model", "Transformer"]
+__all__ = ["ModelConfig", "Model", "build_model", "Transformer", "KVCache", "empty_cache"]
+
+# One ``(keys, values)`` pair per layer, each ``[batch, kv_heads, cached_len, head_dim]``:
+# rotary positions already applied to the keys, stored before grouped-query
+# repetition (so GQA models cache ``n_heads / kv_heads`` times less).
+KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 @dataclass(frozen=True)
@@ -100,15 +109,22 @@ class ModelConfig:
 # --------------------------------------------------------------------------- module
 
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, ``[seq_len, head_dim/2]`` in float32.
+def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles at integer ``positions`` (any shape ``[...]``),
+    ``[..., head_dim/2]`` in float32.
 
     Recomputed at each call rather than stored as buffers: it costs ``T * head_dim/2``
     multiplications and keeps the module free of state.
     """
+    device = positions.device
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles at positions ``0 .. seq_len-1``, ``[seq_len, head_dim/2]``."""
+    return rotary_angles(torch.arange(seq_len, device=device), head_dim, theta)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -126,18 +142,26 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        """Returns ``(output, (keys, values))``; the keys/values cover the past ones, if
+        given, followed by those of ``x`` (the layer's entry of the new cache)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if past_kv is not None:
+            # The cache grows by concatenation: a new tensor each step, so the cache
+            # passed in is never written to (a preallocated buffer updated in place
+            # would have to be copied first to stay pure, which costs the same copy).
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        kv = (k, v)
         if self.kv_heads != self.n_heads:  # grouped-query attention: share each k/v head
             k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
-        # Without a padding mask the causal flag lets torch pick its fastest kernel.
+        # Without a mask (no padding, no cache) the causal flag lets torch pick its fastest kernel.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), kv
 
 
 class MLP(nn.Module):
@@ -161,13 +185,20 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        """Returns ``(output, (keys, values))``, as :meth:`Attention.forward`."""
+        a, kv = self.attn(self.attn_norm(x), cos, sin, mask, past_kv)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class Transformer(nn.Module):
-    """Token ids ``[B, T]`` -> logits ``[B, T, padded_vocab_size]``."""
+    """Token ids ``[B, T]`` -> logits ``[B, T, padded_vocab_size]``.
+
+    With ``cache`` (a :data:`KVCache` of the ``P`` positions seen before), the forward
+    returns ``(logits, new_cache)`` where ``new_cache`` covers ``P + T`` positions;
+    ``attention_mask`` then spans all of them, ``[B, P + T]``.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -179,24 +210,61 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The final normalised hidden states ``[B, T, dim]`` (before the output projection)."""
-        T = input_ids.shape[1]
-        cos, sin = rotary_tables(T, self.cfg.head_dim, self.cfg.rope_theta, input_ids.device)
-        mask = None
-        if attention_mask is not None:
-            # Causal and key-padding, and every position may always see itself: a
-            # padded query with no visible key would otherwise produce NaN rows.
-            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-            mask = causal & attention_mask.bool()[:, None, None, :]
-            mask = mask | torch.eye(T, dtype=torch.bool, device=input_ids.device)
-        x = self.tok_emb(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return self.norm(x)
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               cache: KVCache | None = None, start_pos: int | torch.Tensor | None = None):
+        """The final normalised hidden states ``[B, T, dim]`` (before the output projection).
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden(input_ids, attention_mask))
+        Token ``t`` of ``input_ids`` sits at rotary position ``start_pos + t``;
+        ``start_pos`` is an int or a per-row ``LongTensor[B]`` and defaults to the
+        cached length. Negative positions (left padding, which no real token attends
+        to) are clamped to 0. With ``cache``, returns ``(hidden, new_cache)``.
+        """
+        T, device = input_ids.shape[1], input_ids.device
+        past = 0 if cache is None else cache[0][0].shape[2]
+        if start_pos is None:
+            start_pos = past
+        if isinstance(start_pos, int) and start_pos == 0:
+            cos, sin = rotary_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device)
+        else:
+            start = torch.as_tensor(start_pos, device=device)
+            positions = (start[..., None] + torch.arange(T, device=device)).clamp(min=0)  # [T] or [B, T]
+            cos, sin = rotary_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+            if positions.dim() == 2:  # per-row positions: broadcast over the heads
+                cos, sin = cos[:, None], sin[:, None]
+        mask = None
+        if attention_mask is not None or past:
+            # Query t (absolute index past + t) sees keys 0 .. past + t that are not
+            # padding, and always itself: a padded query with no visible key would
+            # otherwise produce NaN rows.
+            query = past + torch.arange(T, device=device)[:, None]
+            key = torch.arange(past + T, device=device)[None, :]
+            mask = key <= query
+            if attention_mask is not None:
+                mask = mask & attention_mask.bool()[:, None, None, :]
+            mask = mask | (key == query)
+        x = self.tok_emb(input_ids)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i])
+            new_cache.append(kv)
+        x = self.norm(x)
+        return x if cache is None else (x, tuple(new_cache))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, start_pos: int | torch.Tensor | None = None):
+        """Logits ``[B, T, padded_vocab_size]``, or ``(logits, new_cache)`` when ``cache`` is given."""
+        if cache is None:
+            return self.lm_head(self.hidden(input_ids, attention_mask, start_pos=start_pos))
+        h, new_cache = self.hidden(input_ids, attention_mask, cache=cache, start_pos=start_pos)
+        return self.lm_head(h), new_cache
+
+
+def empty_cache(cfg: ModelConfig, batch_size: int, *, dtype: torch.dtype = torch.float32,
+                device="cpu") -> KVCache:
+    """A cache of zero positions for ``batch_size`` sequences: the start of incremental decoding."""
+    shape = (batch_size, cfg.kv_heads, 0, cfg.head_dim)
+    return tuple((torch.zeros(shape, dtype=dtype, device=device),
+                  torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.n_layers))
 
 
 # --------------------------------------------------------------------------- pure pair
@@ -210,23 +278,25 @@ class Model(NamedTuple):
     module: Transformer
     config: ModelConfig
     to_module: Callable[[dict], Transformer]
+    # (params, input_ids, cache=None, start_pos=None, attention_mask=None) -> (logits, new_cache)
+    apply_with_cache: Callable[..., tuple[torch.Tensor, KVCache]] | None = None
 
 
-def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig, attention_mask) -> None:
+def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig, attention_mask, who: str = "model.apply") -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(
-            "model.apply expects input_ids as a 2-D integer tensor [batch, seq_len]; "
+            f"{who} expects input_ids as a 2-D integer tensor [batch, seq_len]; "
             f"got {type(input_ids).__name__} with shape {tuple(getattr(input_ids, 'shape', ()))}. "
             "For one sequence use input_ids[None].")
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise ValueError(f"model.apply expects integer token ids, got dtype {input_ids.dtype}.")
+        raise ValueError(f"{who} expects integer token ids, got dtype {input_ids.dtype}.")
     if input_ids.shape[1] > cfg.max_seq_len:
         raise ValueError(
-            f"model.apply: sequence length {input_ids.shape[1]} exceeds max_seq_len={cfg.max_seq_len}; "
+            f"{who}: sequence length {input_ids.shape[1]} exceeds max_seq_len={cfg.max_seq_len}; "
             "truncate the batch or build the model with a larger max_seq_len.")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(
-            f"model.apply: attention_mask shape {tuple(attention_mask.shape)} differs from "
+            f"{who}: attention_mask shape {tuple(attention_mask.shape)} differs from "
             f"input_ids shape {tuple(input_ids.shape)}.")
 
 
@@ -268,6 +338,44 @@ def build_model(cfg: ModelConfig) -> Model:
         _check_ids(input_ids, cfg, attention_mask)
         return functional_call(module, params, (input_ids,), {"attention_mask": attention_mask})
 
+    def apply_with_cache(params: dict, input_ids: torch.Tensor, cache: KVCache | None = None,
+                         start_pos: int | torch.Tensor | None = None,
+                         attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """``(logits [B, T, padded_vocab_size], new_cache)`` for ``input_ids`` following the cached positions.
+
+        ``cache=None`` starts from :func:`empty_cache`. Token ``t`` sits at rotary
+        position ``start_pos + t`` (default: the cached length; a ``LongTensor[B]``
+        gives each row its own offset, e.g. ``-n_pad`` for left-padded rows). The
+        ``attention_mask`` (1 = real token) covers cached and new positions,
+        ``[B, cached_len + T]``. Feeding a sequence in pieces gives the logits of one
+        ``apply`` over the whole sequence. Nothing passed in is modified.
+        """
+        _check_ids(input_ids, cfg, None, who="model.apply_with_cache")
+        B, T = input_ids.shape
+        if cache is None:
+            first = params[names[0]]
+            cache = empty_cache(cfg, B, dtype=first.dtype, device=first.device)
+        if len(cache) != cfg.n_layers or cache[0][0].shape[0] != B:
+            raise ValueError(
+                f"model.apply_with_cache: the cache holds {len(cache)} layers for batch "
+                f"{cache[0][0].shape[0] if len(cache) else '?'}, expected {cfg.n_layers} layers for batch {B}; "
+                "start with cache=None (or empty_cache(cfg, batch_size)) and pass back the returned cache.")
+        total = cache[0][0].shape[2] + T
+        if total > cfg.max_seq_len:
+            raise ValueError(
+                f"model.apply_with_cache: {total} positions (cached + new) exceed max_seq_len={cfg.max_seq_len}; "
+                "build the model with a larger max_seq_len.")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, total):
+            raise ValueError(
+                f"model.apply_with_cache: attention_mask shape {tuple(attention_mask.shape)} should be "
+                f"{(B, total)}: one column per cached and new position.")
+        if isinstance(start_pos, torch.Tensor) and start_pos.shape not in ((), (B,)):
+            raise ValueError(
+                f"model.apply_with_cache: start_pos should be an int or a tensor of shape ({B},), "
+                f"got shape {tuple(start_pos.shape)}.")
+        return functional_call(module, params, (input_ids,),
+                               {"attention_mask": attention_mask, "cache": cache, "start_pos": start_pos})
+
     def to_module(params: dict) -> Transformer:
         """A real ``nn.Module`` holding a copy of ``params`` (for imperative use)."""
         missing = set(names) - set(params)
@@ -280,4 +388,5 @@ def build_model(cfg: ModelConfig) -> Model:
                 p.copy_(params[name])
         return real
 
-    return Model(init=init, apply=apply, module=module, config=cfg, to_module=to_module)
+    return Model(init=init, apply=apply, module=module, config=cfg, to_module=to_module,
+                 apply_with_cache=apply_with_cache)

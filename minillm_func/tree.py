@@ -15,7 +15,7 @@ import torch
 PyTree = Any
 
 __all__ = [
-    "leaves", "tree_map", "zeros_like", "add", "sub", "scale", "global_norm",
+    "leaves", "unflatten_like", "tree_map", "zeros_like", "add", "sub", "scale", "global_norm",
     "all_finite", "select", "cast", "num_params",
 ]
 
@@ -23,6 +23,11 @@ __all__ = [
 def leaves(tree: PyTree) -> list:
     """The leaves of ``tree`` in ``optree``'s canonical order (dict keys sorted)."""
     return optree.tree_leaves(tree)
+
+
+def unflatten_like(tree: PyTree, new_leaves: list) -> PyTree:
+    """A tree with the structure of ``tree`` and the given leaves (in ``leaves(tree)`` order)."""
+    return optree.tree_unflatten(optree.tree_structure(tree), new_leaves)
 
 
 def tree_map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:

@@ -16,12 +16,12 @@ before and after training):
   documents. It falls as the model learns the format and the rules; it stays
   well above 1 because the random words themselves are unpredictable.
 - *sft* -- prompt ``"Q: reverse abc\\nA: "`` with a reply in one of two styles:
-  the bare answer ``"cba"`` (one third of the examples) or the wordy
-  ``"The answer is cba."`` (two thirds). Metric: exact-match accuracy of greedy
-  replies to held-out prompts; the answer is read from either style
-  (:func:`extract_answer`).
+  the bare answer ``"cba"`` (one third of the examples) or the hedged
+  ``"cba, I think."`` (two thirds). Both start with the answer, so the style
+  is only decided after it. Metric: exact-match accuracy of greedy replies to
+  held-out prompts; the answer is read from either style (:func:`extract_answer`).
 - *dpo* -- pairs with the same prompt: chosen = the bare answer, rejected =
-  the wordy one, both correct. Metrics: preference accuracy on held-out pairs
+  the hedged one, both correct. Metrics: preference accuracy on held-out pairs
   (share of pairs whose chosen reply gains more log-probability relative to the
   reference than the rejected one; 0 before DPO, since the policy *is* the
   reference and ties count as wrong) and the share of greedy held-out replies
@@ -40,7 +40,7 @@ RULES = {
     "uppercase": str.upper,
     "double": lambda w: w + w,
 }
-WORDY = "The answer is {}."
+HEDGED = "{}, I think."
 
 
 def question(rule: str, word: str) -> str:
@@ -53,18 +53,14 @@ def sentence(rule: str, word: str) -> str:
 
 
 def extract_answer(reply: str) -> str:
-    """The answer in a reply of either style ("cba" or "The answer is cba.")."""
-    reply = reply.strip()
-    prefix, suffix = WORDY.split("{}")
-    if reply.startswith(prefix):
-        reply = reply[len(prefix):].removesuffix(suffix)
-    return reply.strip()
+    """The answer in a reply of either style ("cba" or "cba, I think.")."""
+    return reply.strip().removesuffix(HEDGED.format("")).strip()
 
 
 def is_preferred_style(reply: str) -> bool:
     """True for the bare style that the DPO pairs prefer."""
     reply = reply.strip()
-    return bool(reply) and not reply.startswith(WORDY.split("{}")[0])
+    return bool(reply) and not reply.endswith(HEDGED.format(""))
 
 
 @dataclass
@@ -114,14 +110,14 @@ def demo_corpus(seed: int = 0, *, n_pretrain: int = 3000, sentences_per_doc: int
         rule, word = pick(train_words)
         answer = RULES[rule](word)
         c.sft.append({"prompt": question(rule, word),
-                      "completion": answer if rng.random() < 1 / 3 else WORDY.format(answer)})
+                      "completion": answer if rng.random() < 1 / 3 else HEDGED.format(answer)})
     for rule_word in zip([rng.choice(rules) for _ in range(n_eval)], eval_words[n_eval:2 * n_eval]):
         rule, word = rule_word
         c.sft_eval.append({"prompt": question(rule, word), "answer": RULES[rule](word), "rule": rule, "word": word})
 
     def pair(rule, word):
         answer = RULES[rule](word)
-        return {"prompt": question(rule, word), "chosen": answer, "rejected": WORDY.format(answer)}
+        return {"prompt": question(rule, word), "chosen": answer, "rejected": HEDGED.format(answer)}
 
     c.dpo = [pair(*pick(train_words)) for _ in range(n_dpo)]
     c.dpo_eval = [pair(rng.choice(rules), w) for w in eval_words[2 * n_eval:]]

@@ -1,0 +1,343 @@
+"""The three trainers, each a thin composition: a loss closure + an optimizer chain + ``make_train_step``.
+
+``create_trainer(kind, model, **overrides)`` builds one. A new training stage
+is a new loss function ``(params, batch, extras) -> (summed_loss, (count,
+metrics))`` handed to :class:`Trainer`; nothing is subclassed.
+
+Defaults reproduce the original imperative loop: AdamW(lr=1e-4, wd=0.01,
+betas=(0.9, 0.999), eps=1e-8), CosineAnnealingLR(T_max=1000) stepped after
+each optimizer step, clip_grad_norm_(1.0); SFT uses lr=5e-5; DPO beta=0.1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import amp, optim, schedules
+from . import tree as T
+from .losses import IGNORE_INDEX, dpo_loss, pretrain_loss, sequence_logps, sft_masked_loss
+from .model import Model
+from .step import TrainState, init_train_state, make_train_step
+
+__all__ = ["Trainer", "create_trainer", "pretrain_objective", "sft_objective", "dpo_objective",
+           "add_reference_logps", "KINDS"]
+
+KINDS = ("pretrain", "sft", "dpo")
+DEFAULT_LR = {"pretrain": 1e-4, "sft": 5e-5, "dpo": 1e-4}
+
+
+# --------------------------------------------------------------------------- loss closures
+# Each returns the micro-batch's *summed* loss and the count it sums over. The
+# attention mask is not passed to the model: collation pads on the right, and
+# under causal attention no real position can see a padded one, so the mask
+# would only cost the fast attention kernel and change nothing that is counted.
+
+
+def pretrain_objective(apply: Callable) -> Callable:
+    """Next-token loss over every counted label."""
+
+    def loss_fn(params, batch, extras):
+        labels = batch["labels"]
+        logits = apply(params, batch["input_ids"])
+        return pretrain_loss(logits, labels, num_tokens=1), ((labels != IGNORE_INDEX).sum(), {})
+
+    return loss_fn
+
+
+def sft_objective(apply: Callable) -> Callable:
+    """Loss on the reply tokens: ``loss_mask`` if the batch has one, else every counted label."""
+
+    def loss_fn(params, batch, extras):
+        labels = batch["labels"]
+        mask = batch.get("loss_mask")
+        mask = (labels != IGNORE_INDEX) if mask is None else (mask.bool() & (labels != IGNORE_INDEX))
+        logits = apply(params, batch["input_ids"])
+        return sft_masked_loss(logits, labels, mask, num_tokens=1), (mask.sum(), {})
+
+    return loss_fn
+
+
+def _pair_logps(apply, params, batch):
+    """Summed log-probs and counts of chosen and rejected replies, in one ``[2B, T]`` forward."""
+    B = batch["chosen_input_ids"].shape[0]
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    logps, counts = sequence_logps(apply(params, ids), labels)
+    return logps[:B], logps[B:], counts[:B], counts[B:]
+
+
+def dpo_objective(apply: Callable, *, beta: float = 0.1, loss_type: str = "sigmoid",
+                  label_smoothing: float = 0.0, gamma: float = 0.5) -> Callable:
+    """``dpo_loss`` summed over pairs. Reference log-probs come from the batch
+    (``ref_chosen_logps`` / ``ref_rejected_logps``, see :func:`add_reference_logps`)
+    or from the frozen ``extras["ref_params"]``, never differentiated."""
+    dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=beta, loss_type=loss_type,
+             label_smoothing=label_smoothing, gamma=gamma, chosen_counts=torch.ones(1),
+             rejected_counts=torch.ones(1))  # validate the hyper-parameters now, not at the first step
+
+    def loss_fn(params, batch, extras):
+        pc, pr, nc, nr = _pair_logps(apply, params, batch)
+        if "ref_chosen_logps" in batch:
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif loss_type == "simpo":
+            rc = rr = None
+        else:
+            if "ref_params" not in extras:
+                raise ValueError("dpo: no reference log-probs in the batch and no ref_params in the state; "
+                                 "build the state with trainer.init(params), or add_reference_logps to the data.")
+            with torch.no_grad():
+                rc, rr, _, _ = _pair_logps(apply, extras["ref_params"], batch)
+        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                                 gamma=gamma, chosen_counts=nc, rejected_counts=nr, num_pairs=1)
+        return loss, (torch.tensor(pc.shape[0]), metrics)
+
+    return loss_fn
+
+
+def add_reference_logps(model: Model, ref_params: dict, dataset, *, batch_size: int = 32) -> list[dict]:
+    """The items of a preference dataset with ``ref_chosen_logps`` / ``ref_rejected_logps`` added.
+
+    Computed once with the frozen reference params, so DPO training needs only
+    the policy in memory (``create_trainer("dpo", ..., precomputed_reference=True)``).
+    The result is a list of items; wrap it with ``Batches`` like any dataset.
+    """
+    from .data import collate
+
+    pad_id = dataset.tokenizer.pad_id
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]
+            rc, rr, _, _ = _pair_logps(model.apply, ref_params, collate(items, pad_id=pad_id))
+            out += [{**it, "ref_chosen_logps": c, "ref_rejected_logps": r} for it, c, r in zip(items, rc, rr)]
+    return _ItemList(out, dataset.tokenizer)
+
+
+class _ItemList(list):
+    """A list of items that ``Batches`` can batch (it reads ``tokenizer`` and ``lengths``)."""
+
+    def __init__(self, items, tokenizer):
+        super().__init__(items)
+        self.tokenizer = tokenizer
+
+    def lengths(self):
+        return [int(it["chosen_input_ids"].shape[0]) for it in self]
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A loss, an optimizer and the pure step built from them, plus the impure ``fit`` shell."""
+
+    kind: str
+    model: Model
+    loss_fn: Callable
+    optimizer: optim.Transform
+    step: Callable[[TrainState, dict], tuple]
+    lr_schedule: Callable
+    config: dict
+    loss_scaling: bool = False
+    needs_reference: bool = False
+
+    def init(self, params: dict) -> TrainState:
+        """A fresh ``TrainState``. For DPO the reference is a frozen copy of ``params``, held in ``extras``."""
+        extras = {"ref_params": T.tree_map(torch.clone, params)} if self.needs_reference else {}
+        scaler = amp.scaler_init() if self.loss_scaling else None
+        return init_train_state(params, self.optimizer, scaler=scaler, extras=extras)
+
+    def evaluate(self, state: TrainState, batches: Iterable[dict]) -> dict[str, float]:
+        """Token-weighted (pair-weighted for DPO) means of the loss and metrics over ``batches``.
+
+        Pretraining and SFT also report ``perplexity = exp(loss)``.
+        """
+        totals: dict[str, float] = {}
+        count_sum = 0.0
+        with torch.no_grad():
+            for batch in batches:
+                loss_sum, (count, metrics) = self.loss_fn(state.params, batch, state.extras)
+                n = float(count)
+                count_sum += n
+                totals["loss"] = totals.get("loss", 0.0) + float(loss_sum)
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) * n
+        if not count_sum:
+            raise ValueError("evaluate: the batches hold no counted token (or pair); nothing to evaluate.")
+        out = {k: v / count_sum for k, v in totals.items()}
+        if self.kind != "dpo":
+            out["perplexity"] = math.exp(min(out["loss"], 700.0))
+        return out
+
+    def fit(self, state: TrainState, batches: Iterable[dict], num_steps: int, *,
+            eval_batches: Callable[[], Iterable[dict]] | None = None, eval_every: int = 0,
+            out_dir=None, checkpoint_every: int = 0, log_every: int = 1, progress: bool = True,
+            desc: str | None = None, meta: dict | None = None) -> TrainState:
+        """Train until ``state.step == num_steps`` optimizer updates; the impure shell around ``step``.
+
+        Draws a tqdm bar (loss, lr, tokens/s), evaluates every ``eval_every``
+        updates on ``eval_batches()`` (a function returning fresh batches),
+        appends metrics to ``out_dir/metrics.jsonl`` (and TensorBoard when it is
+        installed), writes checkpoints to ``out_dir/checkpoint`` every
+        ``checkpoint_every`` updates and at the end. Ctrl-C stops cleanly: the
+        last state is checkpointed and returned. If ``batches`` has a
+        ``position`` (``Batches``), it is saved so a resumed run sees the same data;
+        ``meta`` adds JSON-serialisable entries (e.g. the tokenizer) to every checkpoint.
+        """
+        from . import checkpoint
+
+        out = Path(out_dir) if out_dir is not None else None
+        log = _MetricsLog(out)
+        done = int(state.step)  # host sync, once: the shell counts updates in Python from here on
+        bar = tqdm(total=num_steps, initial=done, disable=not progress, desc=desc or self.kind, dynamic_ncols=True)
+        batch_iter = iter(batches)
+        tokens, t0 = 0.0, time.perf_counter()
+
+        def save():
+            if out is not None:
+                record = {"kind": self.kind, "step": done, "model_config": dataclasses.asdict(self.model.config),
+                          "trainer_config": self.config, "data_position": list(getattr(batches, "position", [])),
+                          **(meta or {})}
+                checkpoint.save(out / "checkpoint", state, meta=record)
+
+        try:
+            while done < num_steps:
+                try:
+                    batch = next(batch_iter)
+                except StopIteration:
+                    bar.write(f"{self.kind}: the data ran out after {done} of {num_steps} updates.")
+                    break
+                state, metrics = self.step(state, batch)
+                record = {k: float(v) for k, v in metrics.items()}  # host sync: the shell logs every micro-step
+                tokens += record["tokens"]
+                if not record["updated"]:
+                    if record["skipped"]:
+                        bar.write(f"{self.kind}: non-finite gradient at update {done}; step skipped "
+                                  f"(scale now {record['scale']:g}).")
+                    continue
+                done += 1
+                elapsed = time.perf_counter() - t0
+                record.update(step=done, tokens_per_s=tokens / max(elapsed, 1e-9))
+                tokens, t0 = 0.0, time.perf_counter()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                if log_every and done % log_every == 0:
+                    log.write({"split": "train", **record})
+                if eval_every and eval_batches is not None and done % eval_every == 0:
+                    ev = self.evaluate(state, eval_batches())
+                    log.write({"split": "eval", "step": done, **ev})
+                    bar.write(f"{self.kind} step {done}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                if checkpoint_every and done % checkpoint_every == 0:
+                    save()
+        except KeyboardInterrupt:
+            bar.write(f"{self.kind}: interrupted at update {done}; writing a final checkpoint.")
+        finally:
+            bar.close()
+            log.close()
+        save()
+        return state
+
+
+class _MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard when it is installed."""
+
+    def __init__(self, out: Path | None):
+        self.file = self.tb = None
+        if out is None:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard not installed: JSON lines only
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{record['split']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        for f in (self.file, self.tb):
+            if f is not None:
+                f.close()
+
+
+# --------------------------------------------------------------------------- the factory
+
+
+def create_trainer(kind: str, model: Model, *, learning_rate: float | None = None, weight_decay: float = 0.01,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, max_grad_norm: float | None = 1.0,
+                   T_max: int = 1000, eta_min: float = 0.0, schedule: Callable | None = None,
+                   decay_mask=None, accumulation_steps: int = 1, precision: str | amp.Policy | None = None,
+                   loss_scaling: bool | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
+                   label_smoothing: float = 0.0, gamma: float = 0.5, precomputed_reference: bool = False,
+                   grad_path: str = "auto", adamw_impl: str = "auto", compile: bool = False,
+                   loss_fn: Callable | None = None) -> Trainer:
+    """Build the trainer for ``kind`` ("pretrain", "sft" or "dpo").
+
+    Every keyword overrides one default: the optimizer (``learning_rate``
+    (default 1e-4; 5e-5 for "sft"), ``weight_decay``, ``betas``, ``eps``,
+    ``decay_mask``), clipping (``max_grad_norm``, None for none), the schedule
+    (``CosineAnnealingLR(T_max, eta_min)`` semantics, or any ``schedule(step)``,
+    e.g. ``schedules.warmup_cosine``), ``accumulation_steps``, ``precision``
+    ("fp32", "bf16", "fp16" or an ``amp.Policy``; "fp16" turns loss scaling
+    on), DPO's ``beta``, ``loss_type``, ``label_smoothing``, ``gamma`` and
+    ``precomputed_reference`` (batches carry reference log-probs, so the state
+    holds no reference params), and ``compile`` (wrap the pure step in
+    ``torch.compile``). ``loss_fn`` replaces the stage's loss: that is how a new
+    stage is added.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"create_trainer: kind must be one of {KINDS}, got {kind!r}.")
+    lr = DEFAULT_LR[kind] if learning_rate is None else learning_rate
+    lr_schedule = schedule if schedule is not None else schedules.cosine_annealing(lr, T_max=T_max, eta_min=eta_min)
+    policy = _policy(precision)
+    apply = policy.wrap(model.apply) if policy.mixed else model.apply
+    if loss_fn is None:
+        if kind == "pretrain":
+            loss_fn = pretrain_objective(apply)
+        elif kind == "sft":
+            loss_fn = sft_objective(apply)
+        else:
+            loss_fn = dpo_objective(apply, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                                    gamma=gamma)
+    adamw = optim.adamw(lr_schedule, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay,
+                        mask=decay_mask, impl=adamw_impl)
+    optimizer = optim.chain(optim.clip_by_global_norm(max_grad_norm), adamw) if max_grad_norm else optim.chain(adamw)
+    scaling = (policy.compute_dtype == torch.float16) if loss_scaling is None else loss_scaling
+    step = make_train_step(loss_fn, optimizer, accumulation_steps=accumulation_steps, loss_scaling=scaling,
+                           lr_schedule=lr_schedule, grad_path=grad_path)
+    if compile:
+        step = torch.compile(step)
+    config = {"kind": kind, "learning_rate": lr, "weight_decay": weight_decay, "betas": list(betas), "eps": eps,
+              "max_grad_norm": max_grad_norm, "T_max": T_max, "eta_min": eta_min,
+              "custom_schedule": schedule is not None, "accumulation_steps": accumulation_steps,
+              "precision": str(policy.compute_dtype), "loss_scaling": scaling, "compile": compile}
+    if kind == "dpo":
+        config.update(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
+                      precomputed_reference=precomputed_reference)
+    needs_reference = kind == "dpo" and loss_type != "simpo" and not precomputed_reference
+    return Trainer(kind, model, loss_fn, optimizer, step, lr_schedule, config, scaling, needs_reference)
+
+
+def _policy(precision) -> amp.Policy:
+    if isinstance(precision, amp.Policy):
+        return precision
+    table = {None: torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise ValueError(f"create_trainer: precision must be 'fp32', 'bf16', 'fp16' or an amp.Policy, got {precision!r}.")
+    return amp.Policy(compute_dtype=table[precision])

@@ -1,0 +1,21 @@
+"""Each example script runs (at a small size) and prints its result."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script, args, expect", [
+    ("train_loop.py", ["--steps", "20"], "done: 20 updates"),
+    ("new_stage_orpo.py", ["--steps", "4"], "ORPO loss"),
+])
+def test_example_runs(script, args, expect):
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert expect in r.stdout
+    lines = sum(1 for line in (ROOT / "examples" / script).read_text().splitlines() if line.strip())
+    assert lines <= 60, f"{script} should stay a short read ({lines} lines)"
