@@ -99,7 +99,7 @@ def value_and_grad(loss_fn: LossFn, path: str = "auto") -> Callable:
 
 def make_train_step(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps: int = 1,
                     loss_scaling: bool = False, lr_schedule: Callable | None = None,
-                    grad_path: str = "auto") -> Callable[[TrainState, dict], tuple]:
+                    grad_path: str = "auto", sync: Callable | None = None) -> Callable[[TrainState, dict], tuple]:
     """Build the pure ``step(state, batch) -> (new_state, metrics)``.
 
     Args:
@@ -115,6 +115,10 @@ def make_train_step(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps
             (for float16 compute; bfloat16 does not need it).
         lr_schedule: ``step -> lr``, only to report the learning rate in the metrics.
         grad_path: see :func:`value_and_grad`.
+        sync: ``(grads, count, loss_sum) -> (grads, count, loss_sum)``, applied to the
+            micro-batch's *unnormalised* gradient before anything else; data
+            parallelism sums all three over ranks here, so the normaliser is the
+            global count and every rank takes the same update.
 
     Metrics (0-d tensors; reading them is the caller's host sync): ``loss`` (this
     micro-batch's mean), ``tokens`` (its count), ``grad_norm`` (pre-clip norm of
@@ -131,8 +135,15 @@ def make_train_step(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps
 
     grad_fn = value_and_grad(scaled_loss, grad_path)
 
-    def step(state: TrainState, batch: dict):
+    def micro_grads(state: TrainState, batch: dict):
+        """The micro-batch's unnormalised (scaled) gradient, count, summed loss and metrics."""
         (_, (loss_sum, (count, aux))), grads = grad_fn(state.params, batch, state.extras, state.scaler.scale)
+        if sync is not None:  # e.g. data parallel: sum grads, counts and losses over ranks
+            grads, count, loss_sum = sync(grads, count, loss_sum)
+        return grads, count, loss_sum, aux
+
+    def apply_grads(state: TrainState, grads, count, loss_sum, aux):
+        """Unscale, check, accumulate and (at the window's end) update: the rest of the step."""
         if loss_scaling:
             grads, found_inf = amp.unscale(state.scaler, grads)
         else:
@@ -163,6 +174,12 @@ def make_train_step(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps
         }
         return new_state, metrics
 
+    def step(state: TrainState, batch: dict):
+        return apply_grads(state, *micro_grads(state, batch))
+
+    # The two halves, for callers that split a batch themselves (memory.DynamicBatchSizer):
+    # summing micro_grads over the pieces and applying once is the same update.
+    step.micro_grads, step.apply_grads = micro_grads, apply_grads
     return step
 
 

@@ -24,6 +24,7 @@ from . import amp, optim, schedules
 from . import tree as T
 from .losses import IGNORE_INDEX, dpo_loss, pretrain_loss, sequence_logps, sft_masked_loss
 from .model import Model
+from .memory import DynamicBatchSizer, MemoryConfig, MemoryMonitor
 from .step import TrainState, init_train_state, make_train_step
 
 __all__ = ["Trainer", "create_trainer", "pretrain_objective", "sft_objective", "dpo_objective",
@@ -147,6 +148,14 @@ class Trainer:
     config: dict
     loss_scaling: bool = False
     needs_reference: bool = False
+    memory: MemoryConfig = MemoryConfig()
+
+    def __post_init__(self):
+        self._sizer = DynamicBatchSizer(self.memory.min_micro_batch) if self.memory.dynamic_batch else None
+
+    def run_step(self, state: TrainState, batch: dict):
+        """``step``, or, with ``MemoryConfig(dynamic_batch=True)``, the step split on out-of-memory."""
+        return self.step(state, batch) if self._sizer is None else self._sizer(self.step, state, batch)
 
     def init(self, params: dict) -> TrainState:
         """A fresh ``TrainState``. For DPO the reference is a frozen copy of ``params``, held in ``extras``."""
@@ -169,6 +178,11 @@ class Trainer:
                 totals["loss"] = totals.get("loss", 0.0) + float(loss_sum)
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * n
+        if _distributed():  # every rank evaluated its shard: add up the sums
+            keys = sorted(totals)
+            packed = torch.tensor([count_sum] + [totals[k] for k in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(packed)
+            count_sum, totals = float(packed[0]), {k: float(v) for k, v in zip(keys, packed[1:])}
         if not count_sum:
             raise ValueError("evaluate: the batches hold no counted token (or pair); nothing to evaluate.")
         out = {k: v / count_sum for k, v in totals.items()}
@@ -193,10 +207,15 @@ class Trainer:
         """
         from . import checkpoint
 
-        out = Path(out_dir) if out_dir is not None else None
+        main = not _distributed() or torch.distributed.get_rank() == 0  # only rank 0 logs, draws and saves
+        out = Path(out_dir) if out_dir is not None and main else None
+        progress = progress and main
         log = _MetricsLog(out)
         done = int(state.step)  # host sync, once: the shell counts updates in Python from here on
         bar = tqdm(total=num_steps, initial=done, disable=not progress, desc=desc or self.kind, dynamic_ncols=True)
+        say = bar.write if main else (lambda _: None)
+        device = next(iter(T.leaves(state.params))).device
+        monitor = MemoryMonitor(device, empty_cache_every=self.memory.empty_cache_every) if self.memory.monitor else None
         batch_iter = iter(batches)
         tokens, t0 = 0.0, time.perf_counter()
 
@@ -212,38 +231,46 @@ class Trainer:
                 try:
                     batch = next(batch_iter)
                 except StopIteration:
-                    bar.write(f"{self.kind}: the data ran out after {done} of {num_steps} updates.")
+                    say(f"{self.kind}: the data ran out after {done} of {num_steps} updates.")
                     break
-                state, metrics = self.step(state, batch)
+                state, metrics = self.run_step(state, batch)
                 record = {k: float(v) for k, v in metrics.items()}  # host sync: the shell logs every micro-step
                 tokens += record["tokens"]
                 if not record["updated"]:
                     if record["skipped"]:
-                        bar.write(f"{self.kind}: non-finite gradient at update {done}; step skipped "
+                        say(f"{self.kind}: non-finite gradient at update {done}; step skipped "
                                   f"(scale now {record['scale']:g}).")
                     continue
                 done += 1
                 elapsed = time.perf_counter() - t0
                 record.update(step=done, tokens_per_s=tokens / max(elapsed, 1e-9))
+                if monitor is not None and done % self.memory.monitor_every == 0:
+                    record.update(monitor.read())
+                    monitor.maybe_empty_cache(done)
                 tokens, t0 = 0.0, time.perf_counter()
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                **({"mem_mb": f"{record['mem/rss']:.0f}"} if "mem/rss" in record else {}),
                                 tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                 if log_every and done % log_every == 0:
                     log.write({"split": "train", **record})
                 if eval_every and eval_batches is not None and done % eval_every == 0:
                     ev = self.evaluate(state, eval_batches())
                     log.write({"split": "eval", "step": done, **ev})
-                    bar.write(f"{self.kind} step {done}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                    say(f"{self.kind} step {done}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
                 if checkpoint_every and done % checkpoint_every == 0:
                     save()
         except KeyboardInterrupt:
-            bar.write(f"{self.kind}: interrupted at update {done}; writing a final checkpoint.")
+            say(f"{self.kind}: interrupted at update {done}; writing a final checkpoint.")
         finally:
             bar.close()
             log.close()
         save()
         return state
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class _MetricsLog:
@@ -285,8 +312,9 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
                    decay_mask=None, accumulation_steps: int = 1, precision: str | amp.Policy | None = None,
                    loss_scaling: bool | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
                    label_smoothing: float = 0.0, gamma: float = 0.5, precomputed_reference: bool = False,
-                   grad_path: str = "auto", adamw_impl: str = "auto", compile: bool = False,
-                   loss_fn: Callable | None = None) -> Trainer:
+                   grad_path: str = "auto", adamw_impl: str = "auto", compile: bool | str | Callable = False,
+                   loss_fn: Callable | None = None, grad_sync: Callable | None = None,
+                   memory: MemoryConfig | None = None) -> Trainer:
     """Build the trainer for ``kind`` ("pretrain", "sft" or "dpo").
 
     Every keyword overrides one default: the optimizer (``learning_rate``
@@ -299,10 +327,18 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     ``precomputed_reference`` (batches carry reference log-probs, so the state
     holds no reference params), and ``compile`` (wrap the pure step in
     ``torch.compile``). ``loss_fn`` replaces the stage's loss: that is how a new
-    stage is added.
+    stage is added. ``grad_sync`` is handed to ``make_train_step`` as ``sync``
+    (the data-parallel all-reduce). ``memory`` (a :class:`MemoryConfig`) switches on
+    memory strategies; where it sets mixed precision or accumulation, it takes
+    precedence over ``precision`` and ``accumulation_steps``.
     """
     if kind not in KINDS:
         raise ValueError(f"create_trainer: kind must be one of {KINDS}, got {kind!r}.")
+    memory = memory or MemoryConfig()
+    if memory.enable_amp:
+        precision = memory.amp_dtype
+    if memory.gradient_accumulation_steps > 1:
+        accumulation_steps = memory.gradient_accumulation_steps
     lr = DEFAULT_LR[kind] if learning_rate is None else learning_rate
     lr_schedule = schedule if schedule is not None else schedules.cosine_annealing(lr, T_max=T_max, eta_min=eta_min)
     policy = _policy(precision)
@@ -320,9 +356,12 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     optimizer = optim.chain(optim.clip_by_global_norm(max_grad_norm), adamw) if max_grad_norm else optim.chain(adamw)
     scaling = (policy.compute_dtype == torch.float16) if loss_scaling is None else loss_scaling
     step = make_train_step(loss_fn, optimizer, accumulation_steps=accumulation_steps, loss_scaling=scaling,
-                           lr_schedule=lr_schedule, grad_path=grad_path)
+                           lr_schedule=lr_schedule, grad_path=grad_path, sync=grad_sync)
     if compile:
-        step = torch.compile(step)
+        # compile=True uses Inductor; a string or callable names another torch.compile
+        # backend (tests count recompilations with a cheap one). Learning rate and
+        # counters are 0-d tensors in the state, so they never trigger a recompile.
+        step = torch.compile(step, backend="inductor" if compile is True else compile)
     config = {"kind": kind, "learning_rate": lr, "weight_decay": weight_decay, "betas": list(betas), "eps": eps,
               "max_grad_norm": max_grad_norm, "T_max": T_max, "eta_min": eta_min,
               "custom_schedule": schedule is not None, "accumulation_steps": accumulation_steps,
@@ -331,7 +370,8 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
         config.update(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
                       precomputed_reference=precomputed_reference)
     needs_reference = kind == "dpo" and loss_type != "simpo" and not precomputed_reference
-    return Trainer(kind, model, loss_fn, optimizer, step, lr_schedule, config, scaling, needs_reference)
+    config["memory"] = dataclasses.asdict(memory)
+    return Trainer(kind, model, loss_fn, optimizer, step, lr_schedule, config, scaling, needs_reference, memory)
 
 
 def _policy(precision) -> amp.Policy:

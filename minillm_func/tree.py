@@ -75,7 +75,13 @@ def global_norm(tree: PyTree) -> torch.Tensor:
 
 
 def _functorch_wrapped(xs: list) -> bool:
-    """True inside ``torch.func`` transforms (vmap, grad), where ``torch._foreach_*`` may not apply."""
+    """True inside ``torch.func`` transforms (vmap, grad), where ``torch._foreach_*`` may not apply.
+
+    Under ``torch.compile`` it answers False without asking (the compiler cannot trace
+    the query, and callers there take their per-leaf path anyway).
+    """
+    if torch.compiler.is_compiling():
+        return False
     return any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in xs)
 
 

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("script, args, expect", [
     ("train_loop.py", ["--steps", "20"], "done: 20 updates"),
     ("new_stage_orpo.py", ["--steps", "4"], "ORPO loss"),
+    ("ensemble.py", ["--k", "2", "--steps", "10"], "member 0 vs trained alone"),
 ])
 def test_example_runs(script, args, expect):
     r = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
