@@ -7,12 +7,18 @@
 
 Settings for ``train`` come from flags and/or a TOML or JSON file (``--config``;
 flags win); the settings used are written to ``DIR/config.json``.
+
+``train`` runs data-parallel when launched by ``torchrun`` (``WORLD_SIZE`` > 1):
+``--batch-size`` is then the global micro-batch, split over the processes, so
+the run takes the same updates as one process; rank 0 logs and writes. See
+``docs/distributed.md``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -128,13 +134,15 @@ def _load_checkpoint(path):
 
 
 def _train(args) -> None:
-    from . import checkpoint, schedules
+    from . import checkpoint, distributed, schedules
     from .data import Batches, ByteTokenizer, load_dataset
     from .model import ModelConfig, build_model
     from .trainers import add_reference_logps, create_trainer
 
     s = _settings(args)
     out = Path(args.out)
+    distributed.init_from_env()  # under torchrun: join the group; a single process: no-op
+    world, main = distributed.world_size(), distributed.is_main()
     tok = ByteTokenizer()
     if args.init:
         init_state, init_meta, model, tok = _load_checkpoint(args.init)
@@ -159,7 +167,8 @@ def _train(args) -> None:
                              max_grad_norm=s["max_grad_norm"] or None, T_max=s["T_max"], schedule=schedule,
                              accumulation_steps=s["accumulation_steps"], precision=s["precision"],
                              beta=s["beta"], loss_type=s["loss_type"], label_smoothing=s["label_smoothing"],
-                             precomputed_reference=precompute, compile=s["compile"])
+                             precomputed_reference=precompute, compile=s["compile"],
+                             grad_sync=distributed.make_grad_sync() if world > 1 else None)
     if precompute:
         data = add_reference_logps(model, params, data)
     state = trainer.init(params)
@@ -168,20 +177,33 @@ def _train(args) -> None:
         state, meta = checkpoint.load(out / "checkpoint", like=state)
         checkpoint.check_meta(meta, {"kind": args.kind, "model_config": dataclasses.asdict(model.config)})
         position = tuple(meta.get("data_position") or (0, 0))
-        print(f"resuming {args.kind} at update {meta['step']}, data position {position}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"kind": args.kind, "data": args.data, **s}, indent=2))
-    batches = Batches(data, s["batch_size"], seed=s["seed"], position=position)
+        if main:
+            print(f"resuming {args.kind} at update {meta['step']}, data position {position}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"kind": args.kind, "data": args.data, "world_size": world,
+                                                     **s}, indent=2))
+    # A last batch with fewer items than processes cannot be split: drop it (and say so).
+    drop_last = world > 1 and 0 < len(data) % s["batch_size"] < world
+    if drop_last and main:
+        print(f"note: the last batch of each epoch holds {len(data) % s['batch_size']} item(s), fewer than the "
+              f"{world} processes; it is dropped.")
+    batches = Batches(data, s["batch_size"], seed=s["seed"], position=position, drop_last=drop_last,
+                      rank=distributed.rank(), world_size=world)
     eval_batches = None
     if s["eval_data"]:
         held = load_dataset(s["eval_data"], tok, s["max_length"], kind=args.kind, pack=s["pack"])
         if precompute:
             held = add_reference_logps(model, params, held)
-        eval_batches = lambda: Batches(held, s["batch_size"], shuffle=False, epochs=1)  # noqa: E731
+        eval_batches = lambda: Batches(held, s["batch_size"], shuffle=False, epochs=1,  # noqa: E731
+                                       drop_last=world > 1 and 0 < len(held) % s["batch_size"] < world,
+                                       rank=distributed.rank(), world_size=world)
     trainer.fit(state, batches, s["steps"], eval_batches=eval_batches, eval_every=s["eval_every"], out_dir=out,
                 checkpoint_every=s["checkpoint_every"], progress=not args.no_progress,
                 meta={"tokenizer": tok.to_json()})
-    print(f"{args.kind}: checkpoint in {out / 'checkpoint'}, metrics in {out / 'metrics.jsonl'}")
+    if main:
+        print(f"{args.kind}: checkpoint in {out / 'checkpoint'}, metrics in {out / 'metrics.jsonl'}")
+    distributed.shutdown()
 
 
 def _generate(args) -> None:
@@ -210,6 +232,11 @@ def _eval(args) -> None:
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "demo":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit(
+                "minillm-func demo runs in one process, but it was started as one of "
+                f"{os.environ['WORLD_SIZE']} processes (torchrun). Run `minillm-func demo` without torchrun; "
+                "for data-parallel training use `torchrun --nproc_per_node=N -m minillm_func.cli train ...`.")
         from .demo import DemoConfig, run_demo
         config = DemoConfig(seed=args.seed)
         run_demo(args.out, config.scaled(0.02) if args.quick else config, progress=not args.no_progress)

@@ -68,12 +68,21 @@ class Batches:
     resumed run sees exactly the batches the uninterrupted run would have seen.
 
     Iterating runs through ``epochs`` epochs (forever when ``None``).
+
+    Data parallelism: with ``world_size > 1``, ``batch_size`` is the *global*
+    batch. Every rank computes the same order and ``position``, and yields only
+    its contiguous slice of each global batch (rank ``r`` of ``N`` takes
+    ``B // N`` items, one more for the first ``B % N`` ranks), so ``N`` ranks
+    together see exactly the batches of one process with ``world_size=1``, and a
+    position saved by any number of ranks resumes with any other number. A
+    global batch must hold at least ``world_size`` items (no rank gets nothing):
+    the constructor refuses a ``batch_size`` or a short last batch that breaks this.
     """
 
     def __init__(self, dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, group_by_length: bool = False, epochs: int | None = None,
                  position: tuple[int, int] = (0, 0), pad_to_multiple_of: int | None = None,
-                 collate_fn: Callable | None = None):
+                 collate_fn: Callable | None = None, rank: int = 0, world_size: int = 1):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Batches: batch_size must be a positive int, got {batch_size!r}.")
         if len(dataset) == 0:
@@ -82,6 +91,19 @@ class Batches:
             raise ValueError(
                 f"Batches: batch_size={batch_size} exceeds the {len(dataset)} items and drop_last=True would "
                 "yield nothing; lower batch_size or set drop_last=False.")
+        if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"Batches: need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}.")
+        if world_size > 1:
+            smallest = min(batch_size, len(dataset)) if drop_last else (len(dataset) % batch_size or batch_size)
+            if smallest < world_size:
+                raise ValueError(
+                    f"Batches: a global batch of {smallest} item(s) cannot be split over {world_size} ranks "
+                    f"(batch_size={batch_size} is the global batch; the dataset has {len(dataset)} items, "
+                    f"so the last batch of each epoch holds {len(dataset) % batch_size or batch_size}). "
+                    f"Use batch_size >= world_size, and drop_last=True when the last batch is short, e.g. "
+                    f"Batches(data, {max(batch_size, world_size)}, drop_last=True, rank={rank}, "
+                    f"world_size={world_size}).")
+        self.rank, self.world_size = rank, world_size
         self.dataset, self.batch_size = dataset, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.group_by_length, self.epochs = group_by_length, epochs
@@ -110,6 +132,12 @@ class Batches:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches
 
+    def rank_slice(self, batch: list[int]) -> list[int]:
+        """This rank's contiguous share of one global batch of indices (all of it when ``world_size == 1``)."""
+        n, N, r = len(batch), self.world_size, self.rank
+        start = r * (n // N) + min(r, n % N)
+        return batch[start:start + n // N + (r < n % N)]
+
     def __len__(self) -> int:
         """Batches per epoch."""
         n, B = len(self.dataset), self.batch_size
@@ -121,5 +149,5 @@ class Batches:
             order = self.epoch_order(epoch)
             for b in range(start, len(order)):
                 self.position = (epoch, b + 1) if b + 1 < len(order) else (epoch + 1, 0)
-                yield self.collate_fn([self.dataset[i] for i in order[b]])
+                yield self.collate_fn([self.dataset[i] for i in self.rank_slice(order[b])])
             epoch, start = epoch + 1, 0
