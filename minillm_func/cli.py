@@ -239,7 +239,9 @@ def main(argv=None) -> None:
                 "for data-parallel training use `torchrun --nproc_per_node=N -m minillm_func.cli train ...`.")
         from .demo import DemoConfig, run_demo
         config = DemoConfig(seed=args.seed)
-        run_demo(args.out, config.scaled(0.02) if args.quick else config, progress=not args.no_progress)
+        if args.quick:  # a couple of percent of the steps and a small held-out set: an installation check
+            config = dataclasses.replace(config.scaled(0.02), n_eval=20, pretrain_batch=8, sft_batch=8)
+        run_demo(args.out, config, progress=not args.no_progress)
     elif args.command == "train":
         _train(args)
     elif args.command == "generate":

@@ -1,10 +1,17 @@
 """A small modern decoder-only transformer, as a pair of pure functions.
 
-``build_model(cfg)`` returns ``Model(init, apply, module, config, to_module, apply_with_cache)``:
+``build_model(cfg)`` returns ``Model(init, apply, module, config, to_module, apply_with_cache,
+apply_hidden)``:
 
 - ``init(seed) -> params``: a flat ``dict[str, Tensor]``, deterministic for a seed;
-- ``apply(params, input_ids, attention_mask=None) -> logits``: a pure function
-  (``torch.func.functional_call``), so the same params always give the same logits;
+- ``apply(params, input_ids, attention_mask=None, *, checkpoint=False) -> logits``: a pure
+  function (``torch.func.functional_call``), so the same params always give the same logits;
+  ``checkpoint=True`` recomputes each block's activations in the backward pass instead
+  of keeping them (plain autograd only, not under ``torch.func`` transforms);
+- ``apply_hidden(params, input_ids, attention_mask=None, *, checkpoint=False) -> hidden``:
+  the final normalised hidden states ``[B, T, dim]``, before the output projection.
+  ``apply == apply_hidden @ output_weight(params).T``; feed it to
+  :func:`minillm_func.chunked.chunked_cross_entropy` to never build the full logits;
 - ``apply_with_cache(params, input_ids, cache=None, start_pos=None, attention_mask=None)
   -> (logits, new_cache)``: the same computation for incremental decoding. ``cache``
   holds the keys and values of the positions seen so far and is a plain value: it
@@ -30,8 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
-__all__ = ["ModelConfig", "Model", "build_model", "Transformer", "KVCache", "empty_cache"]
+__all__ = ["ModelConfig", "Model", "build_model", "Transformer", "KVCache", "empty_cache", "output_weight"]
 
 # One ``(keys, values)`` pair per layer, each ``[batch, kv_heads, cached_len, head_dim]``:
 # rotary positions already applied to the keys, stored before grouped-query
@@ -211,14 +219,18 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-               cache: KVCache | None = None, start_pos: int | torch.Tensor | None = None):
+               cache: KVCache | None = None, start_pos: int | torch.Tensor | None = None,
+               checkpoint: bool = False):
         """The final normalised hidden states ``[B, T, dim]`` (before the output projection).
 
         Token ``t`` of ``input_ids`` sits at rotary position ``start_pos + t``;
         ``start_pos`` is an int or a per-row ``LongTensor[B]`` and defaults to the
         cached length. Negative positions (left padding, which no real token attends
         to) are clamped to 0. With ``cache``, returns ``(hidden, new_cache)``.
+        ``checkpoint=True`` runs each block under activation checkpointing (no cache).
         """
+        if checkpoint and cache is not None:
+            raise ValueError("Transformer.hidden: checkpoint=True is for training; it does not combine with a cache.")
         T, device = input_ids.shape[1], input_ids.device
         past = 0 if cache is None else cache[0][0].shape[2]
         if start_pos is None:
@@ -243,6 +255,10 @@ class Transformer(nn.Module):
                 mask = mask & attention_mask.bool()[:, None, None, :]
             mask = mask | (key == query)
         x = self.tok_emb(input_ids)
+        if checkpoint and torch.is_grad_enabled():  # without a backward pass there is nothing to save
+            for layer in self.layers:
+                x = _checkpointed_block(layer, x, cos, sin, mask)
+            return self.norm(x)
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i])
@@ -251,12 +267,58 @@ class Transformer(nn.Module):
         return x if cache is None else (x, tuple(new_cache))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, start_pos: int | torch.Tensor | None = None):
-        """Logits ``[B, T, padded_vocab_size]``, or ``(logits, new_cache)`` when ``cache`` is given."""
+                cache: KVCache | None = None, start_pos: int | torch.Tensor | None = None,
+                return_hidden: bool = False, checkpoint: bool = False):
+        """Logits ``[B, T, padded_vocab_size]``, or ``(logits, new_cache)`` when ``cache`` is given.
+
+        ``return_hidden=True`` stops before the output projection and returns the
+        hidden states ``[B, T, dim]`` (no cache); ``checkpoint=True`` recomputes each
+        block in the backward pass (no cache).
+        """
+        if return_hidden or checkpoint:
+            if cache is not None:
+                raise ValueError("Transformer.forward: return_hidden and checkpoint do not combine with a cache.")
+            h = self.hidden(input_ids, attention_mask, start_pos=start_pos, checkpoint=checkpoint)
+            return h if return_hidden else self.lm_head(h)
         if cache is None:
             return self.lm_head(self.hidden(input_ids, attention_mask, start_pos=start_pos))
         h, new_cache = self.hidden(input_ids, attention_mask, cache=cache, start_pos=start_pos)
         return self.lm_head(h), new_cache
+
+
+def _checkpointed_block(layer: Block, x, cos, sin, mask):
+    """``layer(x, ...)[0]`` under non-reentrant activation checkpointing.
+
+    The forward keeps only the block's input; the backward runs the block again to
+    rebuild its activations (about one extra forward of the block, roughly +33% of
+    the step's FLOPs), so a block's attention scores and MLP intermediates never sit
+    in memory for more than one block at a time.
+
+    The recomputation happens during the backward pass, after the enclosing
+    ``functional_call`` has put the module's (meta) parameters back. So the block's
+    parameters as they are now -- the tensors ``functional_call`` swapped in -- are
+    captured here and swapped in again for the recomputation.
+    """
+    params = dict(layer.named_parameters())
+
+    def run(x, cos, sin, mask):
+        return functional_call(layer, params, (x, cos, sin, mask))[0]
+
+    return _checkpoint(run, x, cos, sin, mask, use_reentrant=False)
+
+
+def output_weight(params: dict) -> torch.Tensor:
+    """The output projection ``[padded_vocab_size, dim]`` of ``params``: ``logits = hidden @ W.T``.
+
+    ``params["lm_head.weight"]``, or ``params["tok_emb.weight"]`` when the embeddings are
+    tied (tied weights appear once in params, under the embedding's name).
+    """
+    if "lm_head.weight" in params:
+        return params["lm_head.weight"]
+    if "tok_emb.weight" in params:
+        return params["tok_emb.weight"]
+    raise KeyError("output_weight: params hold neither 'lm_head.weight' nor 'tok_emb.weight'; "
+                   "build them with model.init.")
 
 
 def empty_cache(cfg: ModelConfig, batch_size: int, *, dtype: torch.dtype = torch.float32,
@@ -280,6 +342,8 @@ class Model(NamedTuple):
     to_module: Callable[[dict], Transformer]
     # (params, input_ids, cache=None, start_pos=None, attention_mask=None) -> (logits, new_cache)
     apply_with_cache: Callable[..., tuple[torch.Tensor, KVCache]] | None = None
+    # (params, input_ids, attention_mask=None, *, checkpoint=False) -> hidden [B, T, dim]
+    apply_hidden: Callable[..., torch.Tensor] | None = None
 
 
 def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig, attention_mask, who: str = "model.apply") -> None:
@@ -298,6 +362,17 @@ def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig, attention_mask, who: s
         raise ValueError(
             f"{who}: attention_mask shape {tuple(attention_mask.shape)} differs from "
             f"input_ids shape {tuple(input_ids.shape)}.")
+
+
+def _check_checkpoint(params: dict, input_ids: torch.Tensor, who: str) -> None:
+    """``torch.utils.checkpoint`` does not work under ``torch.func`` transforms: fail clearly up front."""
+    tensors = [p for p in params.values() if isinstance(p, torch.Tensor)] + [input_ids]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        raise RuntimeError(
+            f"{who}(..., checkpoint=True) was called inside a torch.func transform (grad, vmap, ...), "
+            "where torch.utils.checkpoint does not work. Differentiate with plain autograd instead: "
+            "make_train_step(..., grad_path=\"autograd\") or value_and_grad(loss_fn, \"autograd\") "
+            "(or torch.autograd.grad(loss, params)); or pass checkpoint=False.")
 
 
 def build_model(cfg: ModelConfig) -> Model:
@@ -329,14 +404,42 @@ def build_model(cfg: ModelConfig) -> Model:
             params[name] = value.to(device=device, dtype=dtype)
         return params
 
-    def apply(params: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(params: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+              checkpoint: bool = False) -> torch.Tensor:
         """Logits ``[B, T, padded_vocab_size]``; pure in ``params`` and the inputs.
 
         With ``attention_mask`` (1 = real token, 0 = padding), logits at real
         positions do not depend on what stands at padded positions.
+
+        ``checkpoint=True`` applies activation checkpointing to every transformer
+        block (``torch.utils.checkpoint``, non-reentrant): the forward keeps only
+        each block's input and the backward recomputes the block, trading about
+        one extra forward pass for the activation memory of all but one block.
+        Same values and gradients. It needs the plain-autograd gradient path
+        (``torch.autograd.grad`` / ``grad_path="autograd"``); under ``torch.func``
+        transforms it raises.
         """
         _check_ids(input_ids, cfg, attention_mask)
+        if checkpoint:
+            _check_checkpoint(params, input_ids, "model.apply")
+            return functional_call(module, params, (input_ids,),
+                                   {"attention_mask": attention_mask, "checkpoint": True})
         return functional_call(module, params, (input_ids,), {"attention_mask": attention_mask})
+
+    def apply_hidden(params: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                     checkpoint: bool = False) -> torch.Tensor:
+        """The final normalised hidden states ``[B, T, dim]``, before the output projection.
+
+        ``apply(params, ids, mask) == apply_hidden(params, ids, mask) @ output_weight(params).T``.
+        Pair it with :func:`minillm_func.chunked.chunked_cross_entropy` (or
+        ``chunked_sequence_logps``) so the ``[B, T, V]`` logits are never built.
+        ``checkpoint`` as in ``apply``.
+        """
+        _check_ids(input_ids, cfg, attention_mask, who="model.apply_hidden")
+        if checkpoint:
+            _check_checkpoint(params, input_ids, "model.apply_hidden")
+        return functional_call(module, params, (input_ids,),
+                               {"attention_mask": attention_mask, "return_hidden": True, "checkpoint": checkpoint})
 
     def apply_with_cache(params: dict, input_ids: torch.Tensor, cache: KVCache | None = None,
                          start_pos: int | torch.Tensor | None = None,
@@ -389,4 +492,4 @@ def build_model(cfg: ModelConfig) -> Model:
         return real
 
     return Model(init=init, apply=apply, module=module, config=cfg, to_module=to_module,
-                 apply_with_cache=apply_with_cache)
+                 apply_with_cache=apply_with_cache, apply_hidden=apply_hidden)

@@ -15,20 +15,21 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import amp, optim, schedules
 from . import tree as T
-from .losses import IGNORE_INDEX, dpo_loss, pretrain_loss, sequence_logps, sft_masked_loss
-from .model import Model
+from .chunked import chunked_cross_entropy, chunked_sequence_logps
+from .losses import IGNORE_INDEX, dpo_loss, pretrain_loss, sequence_logps
+from .model import Model, output_weight
 from .memory import DynamicBatchSizer, MemoryConfig, MemoryMonitor
 from .step import TrainState, init_train_state, make_train_step
 
 __all__ = ["Trainer", "create_trainer", "pretrain_objective", "sft_objective", "dpo_objective",
-           "add_reference_logps", "KINDS"]
+           "add_reference_logps", "Head", "logits_head", "chunked_head", "KINDS"]
 
 KINDS = ("pretrain", "sft", "dpo")
 DEFAULT_LR = {"pretrain": 1e-4, "sft": 5e-5, "dpo": 1e-4}
@@ -41,50 +42,87 @@ DEFAULT_LR = {"pretrain": 1e-4, "sft": 5e-5, "dpo": 1e-4}
 # would only cost the fast attention kernel and change nothing that is counted.
 
 
-def pretrain_objective(apply: Callable) -> Callable:
-    """Next-token loss over every counted label."""
+class Head(NamedTuple):
+    """How a stage turns ``(params, ids, labels)`` into token losses.
+
+    ``ce`` -> the summed cross-entropy over counted labels; ``logps`` -> per-sequence
+    ``(summed target log-probs, counts)``. :func:`logits_head` goes through the full
+    logits; :func:`chunked_head` through the last hidden state, chunk by chunk.
+    """
+
+    ce: Callable
+    logps: Callable
+
+
+def logits_head(apply: Callable) -> Head:
+    """Token losses from ``apply(params, ids) -> logits``."""
+    return Head(ce=lambda p, ids, y: pretrain_loss(apply(p, ids), y, num_tokens=1),
+                logps=lambda p, ids, y: sequence_logps(apply(p, ids), y))
+
+
+def chunked_head(apply_hidden: Callable, *, chunk_size: int = 1024) -> Head:
+    """Token losses from the last hidden state and the output projection, ``chunk_size`` tokens at a time:
+    the ``[tokens, vocab]`` float32 logits are never held at once (``MemoryConfig(chunked_loss=True)``)."""
+    return Head(
+        # recompute=False: inside a train step the gradient is always wanted, so it is
+        # built while each chunk's logits are at hand (3 matmuls, as unchunked) instead
+        # of recomputing them in the backward (4); see benchmarks/RESULTS.md.
+        ce=lambda p, ids, y: chunked_cross_entropy(apply_hidden(p, ids), output_weight(p), y, num_tokens=1,
+                                                   chunk_size=chunk_size, recompute=False),
+        logps=lambda p, ids, y: chunked_sequence_logps(apply_hidden(p, ids), output_weight(p), y,
+                                                       chunk_size=chunk_size))
+
+
+def _as_head(head_or_apply) -> Head:
+    return head_or_apply if isinstance(head_or_apply, Head) else logits_head(head_or_apply)
+
+
+def pretrain_objective(head: Head | Callable) -> Callable:
+    """Next-token loss over every counted label (``head``: a :class:`Head`, or ``apply``)."""
+    head = _as_head(head)
 
     def loss_fn(params, batch, extras):
         labels = batch["labels"]
-        logits = apply(params, batch["input_ids"])
-        return pretrain_loss(logits, labels, num_tokens=1), ((labels != IGNORE_INDEX).sum(), {})
+        return head.ce(params, batch["input_ids"], labels), ((labels != IGNORE_INDEX).sum(), {})
 
     return loss_fn
 
 
-def sft_objective(apply: Callable) -> Callable:
+def sft_objective(head: Head | Callable) -> Callable:
     """Loss on the reply tokens: ``loss_mask`` if the batch has one, else every counted label."""
+    head = _as_head(head)
 
     def loss_fn(params, batch, extras):
         labels = batch["labels"]
         mask = batch.get("loss_mask")
         mask = (labels != IGNORE_INDEX) if mask is None else (mask.bool() & (labels != IGNORE_INDEX))
-        logits = apply(params, batch["input_ids"])
-        return sft_masked_loss(logits, labels, mask, num_tokens=1), (mask.sum(), {})
+        masked = torch.where(mask, labels, torch.full_like(labels, IGNORE_INDEX))
+        return head.ce(params, batch["input_ids"], masked), (mask.sum(), {})
 
     return loss_fn
 
 
-def _pair_logps(apply, params, batch):
+def _pair_logps(head: Head | Callable, params, batch):
     """Summed log-probs and counts of chosen and rejected replies, in one ``[2B, T]`` forward."""
     B = batch["chosen_input_ids"].shape[0]
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    logps, counts = sequence_logps(apply(params, ids), labels)
+    logps, counts = _as_head(head).logps(params, ids, labels)
     return logps[:B], logps[B:], counts[:B], counts[B:]
 
 
-def dpo_objective(apply: Callable, *, beta: float = 0.1, loss_type: str = "sigmoid",
+def dpo_objective(head: Head | Callable, *, beta: float = 0.1, loss_type: str = "sigmoid",
                   label_smoothing: float = 0.0, gamma: float = 0.5) -> Callable:
     """``dpo_loss`` summed over pairs. Reference log-probs come from the batch
     (``ref_chosen_logps`` / ``ref_rejected_logps``, see :func:`add_reference_logps`)
     or from the frozen ``extras["ref_params"]``, never differentiated."""
+    head = _as_head(head)
     dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=beta, loss_type=loss_type,
              label_smoothing=label_smoothing, gamma=gamma, chosen_counts=torch.ones(1),
              rejected_counts=torch.ones(1))  # validate the hyper-parameters now, not at the first step
 
     def loss_fn(params, batch, extras):
-        pc, pr, nc, nr = _pair_logps(apply, params, batch)
+        pc, pr, nc, nr = _pair_logps(head, params, batch)
         if "ref_chosen_logps" in batch:
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         elif loss_type == "simpo":
@@ -94,7 +132,7 @@ def dpo_objective(apply: Callable, *, beta: float = 0.1, loss_type: str = "sigmo
                 raise ValueError("dpo: no reference log-probs in the batch and no ref_params in the state; "
                                  "build the state with trainer.init(params), or add_reference_logps to the data.")
             with torch.no_grad():
-                rc, rr, _, _ = _pair_logps(apply, extras["ref_params"], batch)
+                rc, rr, _, _ = _pair_logps(head, extras["ref_params"], batch)
         loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                  gamma=gamma, chosen_counts=nc, rejected_counts=nr, num_pairs=1)
         return loss, (torch.tensor(pc.shape[0]), metrics)
@@ -342,14 +380,21 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     lr = DEFAULT_LR[kind] if learning_rate is None else learning_rate
     lr_schedule = schedule if schedule is not None else schedules.cosine_annealing(lr, T_max=T_max, eta_min=eta_min)
     policy = _policy(precision)
-    apply = policy.wrap(model.apply) if policy.mixed else model.apply
+    head = _make_head(model, policy, memory)
+    if memory.activation_checkpointing:
+        if compile or grad_path == "func":
+            raise ValueError(
+                "create_trainer: activation_checkpointing needs the autograd gradient path "
+                "(torch.utils.checkpoint does not run under torch.func.grad, which compile and "
+                "grad_path='func' use); drop one of them.")
+        grad_path = "autograd"
     if loss_fn is None:
         if kind == "pretrain":
-            loss_fn = pretrain_objective(apply)
+            loss_fn = pretrain_objective(head)
         elif kind == "sft":
-            loss_fn = sft_objective(apply)
+            loss_fn = sft_objective(head)
         else:
-            loss_fn = dpo_objective(apply, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+            loss_fn = dpo_objective(head, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                     gamma=gamma)
     adamw = optim.adamw(lr_schedule, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay,
                         mask=decay_mask, impl=adamw_impl)
@@ -372,6 +417,16 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     needs_reference = kind == "dpo" and loss_type != "simpo" and not precomputed_reference
     config["memory"] = dataclasses.asdict(memory)
     return Trainer(kind, model, loss_fn, optimizer, step, lr_schedule, config, scaling, needs_reference, memory)
+
+
+def _make_head(model: Model, policy: amp.Policy, memory: MemoryConfig) -> Head:
+    """The stage losses' way to the tokens, as the memory config and precision policy ask."""
+    checkpoint = memory.activation_checkpointing
+    if memory.chunked_loss:
+        hidden = lambda p, ids: model.apply_hidden(p, ids, checkpoint=checkpoint)  # noqa: E731
+        return chunked_head(policy.wrap(hidden) if policy.mixed else hidden)
+    apply = (lambda p, ids: model.apply(p, ids, checkpoint=True)) if checkpoint else model.apply
+    return logits_head(policy.wrap(apply) if policy.mixed else apply)
 
 
 def _policy(precision) -> amp.Policy:

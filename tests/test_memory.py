@@ -103,3 +103,29 @@ def test_memory_config_is_read_by_the_trainer_and_validated():
         mf.MemoryConfig(amp_dtype="fp8")
     with pytest.raises(ValueError, match="min_micro_batch"):
         mf.MemoryConfig(min_micro_batch=0)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "dpo"])
+@pytest.mark.parametrize("memory", [mf.MemoryConfig(chunked_loss=True), mf.MemoryConfig(activation_checkpointing=True),
+                                    mf.MemoryConfig(chunked_loss=True, activation_checkpointing=True)])
+def test_chunked_loss_and_activation_checkpointing_give_the_same_steps(kind, memory):
+    from test_trainers import sft_batches
+
+    model = mf.build_model(CFG)
+    params = model.init(5, dtype=torch.float64)
+    batches = {"pretrain": lm_batches, "sft": sft_batches, "dpo": dpo_batches}[kind](3, seed=2)
+    plain = mf.create_trainer(kind, model, learning_rate=1e-3)
+    saving = mf.create_trainer(kind, model, learning_rate=1e-3, memory=memory)
+    s1, s2 = plain.init(params), saving.init(params)
+    for b in batches:
+        s1, m1 = plain.step(s1, b)
+        s2, m2 = saving.step(s2, b)
+        torch.testing.assert_close(m2["loss"], m1["loss"], rtol=1e-10, atol=1e-12)
+    for k in params:
+        torch.testing.assert_close(s2.params[k], s1.params[k], rtol=1e-9, atol=1e-12)
+
+
+def test_activation_checkpointing_refuses_the_func_gradient_path():
+    model = mf.build_model(CFG)
+    with pytest.raises(ValueError, match="autograd gradient path"):
+        mf.create_trainer("pretrain", model, grad_path="func", memory=mf.MemoryConfig(activation_checkpointing=True))
