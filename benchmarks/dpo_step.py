@@ -3,9 +3,9 @@
     python benchmarks/dpo_step.py [--tiny]
 
 Time: variants alternated round-robin in one process (median). Memory: each
-variant again in its own subprocess, reporting how far the process's peak RSS
-rose above its level after set-up (params, data and reference already held), so
-the number is what the step itself needs. Variants:
+variant again in its own subprocess: after one warm-up step, the peak memory one
+more step adds over what the process holds before it (params, optimizer state,
+reference and data), measured as benchmarks/memory.py does. Variants:
   imperative      policy module + reference module (no grad) -> sigmoid DPO -> backward -> clip -> AdamW(fused)
   ours, live ref  trainer.step with the reference params held in the state
   ours, precomputed ref  trainer.step on batches that carry reference log-probs (no reference forward)
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import machine, round_robin, table  # noqa: E402
+from memory import _measure_peak as measure_peak  # noqa: E402  (benchmarks/memory.py)
 
 import minillm_func as mf  # noqa: E402
 
@@ -84,14 +84,14 @@ def make_variant(name, model, params, batch):
     return step
 
 
-def peak_growth_mib(name: str, tiny: bool, steps: int = 3) -> float:
-    """Run in a subprocess: how far peak RSS rises above the set-up level during ``steps`` steps."""
+def peak_growth_mib(name: str, tiny: bool) -> float:
+    """Run in a subprocess: the peak memory one step adds over what is held before it
+    (after one warm-up step, so optimizer state exists), as benchmarks/memory.py measures it."""
     model, params, batch = setup(tiny)
     step = make_variant(name, model, params, batch)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(steps):
-        step()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    step()
+    grown, _ = measure_peak(step, "cpu")
+    return grown / 2**20
 
 
 def main():
@@ -110,7 +110,7 @@ def main():
     medians = round_robin(variants, rounds=3 if args.tiny else args.rounds)
     print(table(medians, "imperative", f"DPO step, batch {batch['chosen_input_ids'].shape[0]} pairs x "
                                        f"{batch['chosen_input_ids'].shape[1]} tokens ({machine()})"))
-    print("\n| variant | peak RSS growth during 3 steps, MiB |\n|---|---:|")
+    print("\n| variant | peak memory added by one step, MiB |\n|---|---:|")
     for name in VARIANTS:
         cmd = [sys.executable, __file__, "--memory-of", name, "--threads", str(args.threads)] + (
             ["--tiny"] if args.tiny else [])
