@@ -129,3 +129,15 @@ def test_activation_checkpointing_refuses_the_func_gradient_path():
     model = mf.build_model(CFG)
     with pytest.raises(ValueError, match="autograd gradient path"):
         mf.create_trainer("pretrain", model, grad_path="func", memory=mf.MemoryConfig(activation_checkpointing=True))
+
+
+def test_chunked_loss_runs_under_mixed_precision():
+    model = mf.build_model(CFG)
+    params = model.init(0)
+    batch = lm_batches(1)[0]
+    full = mf.create_trainer("pretrain", model)
+    mixed = mf.create_trainer("pretrain", model, memory=mf.MemoryConfig(chunked_loss=True, enable_amp=True))
+    _, m_full = full.step(full.init(params), batch)
+    _, m_mixed = mixed.step(mixed.init(params), batch)
+    assert m_mixed["loss"].dtype == torch.float32 and m_mixed["updated"].item()
+    torch.testing.assert_close(m_mixed["loss"], m_full["loss"], rtol=0.02, atol=0.02)

@@ -75,11 +75,13 @@ class DemoCorpus:
     dpo_eval: list = field(default_factory=list)       # {"prompt", "chosen", "rejected"}
 
 
-def _words(rng: random.Random, n: int, taken: set) -> list[str]:
+def _words(rng: random.Random, n: int, taken: set, held_out: frozenset = frozenset()) -> list[str]:
+    """``n`` new random words; none whose reverse or double is a ``held_out`` word, so a
+    held-out word never appears in training text, not even as another word's answer."""
     out = []
     while len(out) < n:
         w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
-        if w not in taken:
+        if w not in taken and w[::-1] not in held_out and w + w not in held_out:
             taken.add(w)
             out.append(w)
     return out
@@ -96,7 +98,7 @@ def demo_corpus(seed: int = 0, *, n_pretrain: int = 3000, sentences_per_doc: int
     rules = list(RULES)
     taken: set = set()
     eval_words = _words(rng, 3 * n_eval, taken)  # reserved first: no training set may use them
-    train_words = _words(rng, max(2000, n_sft), taken)
+    train_words = _words(rng, max(2000, n_sft), taken, frozenset(eval_words))
 
     def pick(words):
         return rng.choice(rules), rng.choice(words)
