@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import IGNORE_INDEX, _normalise
+from .losses import IGNORE_INDEX, _check_logits_labels, _normalise
 
 __all__ = ["chunked_cross_entropy", "chunked_sequence_logps", "chunked_token_logps"]
 
@@ -253,13 +253,7 @@ def _check(fn: str, hidden, weight, labels, chunk_size) -> None:
         raise ValueError(
             f"{fn}: hidden is {hidden.dtype} but weight is {weight.dtype}; cast them to one dtype "
             "(e.g. the compute dtype of your precision policy).")
-    if not isinstance(labels, torch.Tensor) or labels.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"{fn}: hidden {tuple(hidden.shape)} and labels {tuple(getattr(labels, 'shape', ()))} do not "
-            "line up; expected hidden [..., T, D] and labels [..., T] with labels already shifted "
-            "(labels[t] is the target of position t).")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{fn}: labels must be integer token ids, got dtype {labels.dtype}.")
+    _check_logits_labels(fn, hidden, labels, name="hidden", last="D")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"{fn}: chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}.")
 

@@ -32,12 +32,14 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _check_logits_labels(fn: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    if logits.shape[:-1] != labels.shape:
+def _check_logits_labels(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, name: str = "logits",
+                         last: str = "V") -> None:
+    """``labels [..., T]`` integer and aligned with ``logits`` (or hidden states: ``name``) ``[..., T, last]``."""
+    if not isinstance(labels, torch.Tensor) or logits.shape[:-1] != labels.shape:
         raise ValueError(
-            f"{fn}: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up; "
-            "expected logits [..., T, V] and labels [..., T] with labels already shifted "
-            "(labels[t] is the target of logits[t]).")
+            f"{fn}: {name} {tuple(logits.shape)} and labels {tuple(getattr(labels, 'shape', ()))} do not line up; "
+            f"expected {name} [..., T, {last}] and labels [..., T] with labels already shifted "
+            "(labels[t] is the target of position t).")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"{fn}: labels must be integer token ids, got dtype {labels.dtype}.")
 
