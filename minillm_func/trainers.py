@@ -10,6 +10,7 @@ each optimizer step, clip_grad_norm_(1.0); SFT uses lr=5e-5; DPO beta=0.1.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -140,12 +141,12 @@ def dpo_objective(head: Head | Callable, *, beta: float = 0.1, loss_type: str = 
     return loss_fn
 
 
-def add_reference_logps(model: Model, ref_params: dict, dataset, *, batch_size: int = 32) -> list[dict]:
+def add_reference_logps(model: Model, ref_params: dict, dataset, *, batch_size: int = 32):
     """The items of a preference dataset with ``ref_chosen_logps`` / ``ref_rejected_logps`` added.
 
     Computed once with the frozen reference params, so DPO training needs only
     the policy in memory (``create_trainer("dpo", ..., precomputed_reference=True)``).
-    The result is a list of items; wrap it with ``Batches`` like any dataset.
+    The result is a copy of ``dataset`` holding the extended items; batch it with ``Batches``.
     """
     from .data import collate
 
@@ -156,18 +157,9 @@ def add_reference_logps(model: Model, ref_params: dict, dataset, *, batch_size: 
             items = [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]
             rc, rr, _, _ = _pair_logps(model.apply, ref_params, collate(items, pad_id=pad_id))
             out += [{**it, "ref_chosen_logps": c, "ref_rejected_logps": r} for it, c, r in zip(items, rc, rr)]
-    return _ItemList(out, dataset.tokenizer)
-
-
-class _ItemList(list):
-    """A list of items that ``Batches`` can batch (it reads ``tokenizer`` and ``lengths``)."""
-
-    def __init__(self, items, tokenizer):
-        super().__init__(items)
-        self.tokenizer = tokenizer
-
-    def lengths(self):
-        return [int(it["chosen_input_ids"].shape[0]) for it in self]
+    with_ref = copy.copy(dataset)  # same tokenizer, drop counts and lengths; new items
+    with_ref.items = out
+    return with_ref
 
 
 # --------------------------------------------------------------------------- the trainer
