@@ -6,6 +6,11 @@ Example::
     state, meta = load("runs/ckpt", like=trainer.init(params))   # `like`: checks shapes and dtypes
     check_meta(meta, {"model": dataclasses.asdict(cfg)})          # same model configuration?
 
+A run that checkpoints as it trains keeps a history instead (see *History* below)::
+
+    save_step("runs/x", state, step=120, meta={"step": 120}, keep_last=3)  # runs/x/checkpoints/step-000120/
+    state, meta = load(resolve("runs/x"), like=trainer.init(params))       # its newest complete checkpoint
+
 Format
 ------
 A checkpoint is a directory holding two files::
@@ -50,12 +55,79 @@ either the complete old or the complete new checkpoint at ``path``, except in th
 window between the two renames of step 2, where ``path`` is missing and both the
 old and the new checkpoint are complete siblings. :func:`load` never picks one
 silently: it raises a :class:`CheckpointError` that names the complete sibling to
-use (the new one when it is complete) and the ``mv`` command that restores it.
+use (the new one when it is complete) and the ``mv`` command that restores it;
+:func:`latest` and :func:`resolve` on ``path`` (or on the run folder holding it, when
+``path`` is its ``checkpoint/``) run that ``mv`` themselves.
 Leftover hidden siblings from an interrupted save are removed by the next
 successful save to the same ``path``; one process writes a given ``path`` at a time.
 
+History
+-------
+:func:`save_step` keeps a run's checkpoints over time, one folder per step, each
+a checkpoint as above::
+
+    runs/x/checkpoints/
+      step-000100/        tensors.safetensors + state.json
+      step-000120/
+      latest              the line "step-000120": the newest step folder, for people and tools
+                          (the convention of DeepSpeed's ``latest`` file)
+
+- ``save_step(run_dir, state, *, step, meta=None, keep_last=3) -> Path`` writes
+  ``step-{step:06d}/``, updates ``latest``, then deletes all but the ``keep_last``
+  newest complete step folders (``None`` or ``0``: keep them all).
+- ``latest(path) -> Path | None``: the newest complete checkpoint under ``path`` (a
+  run folder, its ``checkpoints/``, a checkpoint folder, or a run folder of the
+  single-``checkpoint/`` layout that :func:`save` writes); ``None`` when there is none.
+- ``resolve(path) -> Path``: the same, or a :class:`CheckpointError` that says what
+  was looked for and where. :func:`load` takes checkpoint folders only:
+  ``load(resolve(run_dir))``.
+- ``history(run_dir) -> list[Path]``: the complete step folders, oldest first.
+
+*Complete* means both files present and the tensors file matching the size and
+SHA-256 recorded in ``state.json``: checking it reads the tensors file once.
+
+How a save stays atomic. The new step is written into a hidden
+``.step-000120.tmp-<pid>-<random>`` inside ``checkpoints/`` (files and folder
+fsynced), moved into place with one ``rename`` (``checkpoints/`` fsynced), and only
+then is ``latest`` replaced (temporary file, fsync, ``os.replace``, fsync) and are
+old steps pruned (each renamed to a hidden ``.step-N.del-*`` first, so a step
+folder disappears at once, never half-deleted). Before the rename, every step
+folder on disk is the one that was there; after it, the new one is complete. A
+crash or SIGKILL at any instruction therefore leaves the previous complete
+checkpoint, or the new one, for :func:`latest` to find.
+
+Saving a step that already exists (a re-save after resuming from an earlier
+step, or twice in a row) moves the old folder aside to a hidden
+``.step-000120.old-<pid>-<random>``, renames the new one into place, then deletes
+the old one. Between those two renames there is no ``step-000120``, but the old
+checkpoint is complete under its hidden name, and :func:`latest` counts a complete
+``.old`` folder whose step has no visible folder as that step: it renames it back
+(the interrupted re-save is undone, as if it had never started) and returns it.
+It never renames a folder whose writer (the ``<pid>`` in its name) is another
+process still running, since that writer may be between its two renames; it
+returns the hidden folder as is instead. The next :func:`save_step` restores such
+folders too, then removes every other hidden leftover (incomplete ``.tmp``
+folders, replaced ``.old`` folders, half-deleted ``.del`` folders).
+
+How :func:`latest` chooses. It reads ``latest`` first and returns the folder it
+names when that folder is complete and no newer step folder exists. Otherwise
+(``latest`` missing, naming a missing, older or incomplete folder) the folders
+win: the step folders are scanned newest first and the first complete one is
+returned. A pointer older than a step folder happens after a crash between the
+rename and the pointer update; that newer folder was renamed into place complete,
+so nothing is lost. Histories only move forward: :func:`save_step` refuses a step
+older than a complete step folder already there (resume from :func:`resolve` instead, or
+start a new run folder), so the newest complete folder is always the run's present.
+
+One process writes a given run at a time. Other processes may read it while it
+trains, but the writer prunes and replaces folders: a reader that loses such a
+race gets a :class:`CheckpointError` and can simply call :func:`resolve` again.
+
 Costs: the SHA-256 is computed once at save and once at load (a full extra read
 of the tensors file); tensors on an accelerator are copied to the host to be written.
+:func:`latest` hashes the checkpoint it returns (and any newer, damaged ones it
+skips), and :func:`save_step` hashes the ``keep_last - 1`` older folders it keeps,
+so that pruning never keeps a damaged folder in place of a complete one.
 """
 from __future__ import annotations
 
@@ -65,6 +137,7 @@ import hashlib
 import importlib
 import json
 import math
+import operator
 import os
 import re
 import secrets
@@ -77,7 +150,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-__all__ = ["CheckpointError", "save", "load", "check_meta", "TENSORS_FILE", "STATE_FILE"]
+__all__ = ["CheckpointError", "save", "load", "read_meta", "check_meta", "save_step", "latest", "resolve", "history",
+           "TENSORS_FILE", "STATE_FILE", "CHECKPOINTS_DIR", "POINTER_FILE"]
 
 PyTree = Any
 
@@ -115,21 +189,31 @@ def save(path: str | os.PathLike, state: PyTree, *, meta: dict | None = None) ->
     holds anything else than a checkpoint's two files is never replaced.
     """
     path = _absolute(path)
+    encoded = _encode_state(state, meta, "save")  # rejects unsupported leaves before touching the disk
+    _check_replaceable(path)
+    _publish(path, *encoded)
+    _remove_leftovers(path)
+
+
+def _encode_state(state: PyTree, meta: dict | None, who: str) -> tuple[dict, dict, dict]:
+    """``(tensors, tree, meta)`` ready to write; a clear error for a leaf or meta that cannot be stored."""
     tensors: dict[str, torch.Tensor] = {}
-    tree = _encode(state, (), tensors)  # rejects unsupported leaves before touching the disk
+    tree = _encode(state, (), tensors)
     meta = _jsonable({} if meta is None else meta, "meta")
     if not isinstance(meta, dict):
-        raise TypeError(f"save: meta must be a dict of JSON values, got {type(meta).__name__}.")
-    _check_replaceable(path)
+        raise TypeError(f"{who}: meta must be a dict of JSON values, got {type(meta).__name__}.")
+    return tensors, tree, meta
 
+
+def _publish(path: Path, tensors: dict, tree: dict, meta: dict) -> None:
+    """Write a complete checkpoint into a hidden sibling, then rename it to ``path`` (see the docstring)."""
     tmp = _sibling(path, "tmp")
     try:
         _write_checkpoint(tmp, tensors, tree, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _move_into_place(tmp, path)
-    _remove_leftovers(path)
+    _move_into_place(tmp, path)  # the one rename that publishes it (two when replacing an existing path)
 
 
 def _write_checkpoint(directory: Path, tensors: dict, tree: dict, meta: dict) -> None:
@@ -161,7 +245,8 @@ def _move_into_place(tmp: Path, path: Path) -> None:
     old = _sibling(path, "old")
     os.rename(path, old)
     _fsync_dir(path.parent)
-    # A crash here leaves no `path`, and `old` and `tmp` both complete: load() says which to use.
+    # A crash here leaves no `path`, and `old` and `tmp` both complete: load() says which to use, and
+    # latest() puts one back (save_step's history: `old`, as if the re-save had never started).
     os.rename(tmp, path)
     _fsync_dir(path.parent)
     shutil.rmtree(old)
@@ -186,6 +271,333 @@ def _remove_leftovers(path: Path) -> None:
     for prefix in (f".{path.name}.tmp-", f".{path.name}.old-"):
         for leftover in path.parent.glob(glob.escape(prefix) + "*"):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- history: one run, many steps
+
+CHECKPOINTS_DIR = "checkpoints"
+POINTER_FILE = "latest"
+_SINGLE_DIR = "checkpoint"  # the layout of a run that calls save(run_dir / "checkpoint", ...)
+_STEP_DIR = re.compile(r"step-(\d{6,})")
+_HIDDEN_STEP = re.compile(r"\.(step-\d{6,})\.(tmp|old|del)-(\d+)-[0-9a-f]+")
+_HIDDEN_POINTER = re.compile(r"\." + re.escape(POINTER_FILE) + r"\.tmp-\d+-[0-9a-f]+")
+
+
+def save_step(run_dir: str | os.PathLike, state: PyTree, *, step: int, meta: dict | None = None,
+              keep_last: int | None = 3) -> Path:
+    """Write ``state`` as step ``step`` of the run in ``run_dir``; returns the new folder.
+
+    The checkpoint goes to ``run_dir/checkpoints/step-{step:06d}/`` (the two files of
+    :func:`save`), then ``run_dir/checkpoints/latest`` is set to its name, then all
+    but the ``keep_last`` newest complete step folders are deleted (``None`` or
+    ``0``: keep every one; the folder just written is always kept), and the hidden
+    leftovers of interrupted saves are removed. A crash or SIGKILL at any moment
+    leaves the previous or the new checkpoint for :func:`latest` to find; the
+    module docstring says how, including for a re-save of an existing step (the
+    old folder is moved aside, and :func:`latest` moves it back if the save dies
+    before the new one is in place).
+
+    ``step``: a non-negative int (a NumPy integer or a 0-d integer tensor such as
+    ``state.step`` is read with ``int()``, a host sync). It may not be older than a
+    complete step folder already in the run: a history only moves forward. ``state`` and
+    ``meta``: as for :func:`save`. One process writes a given run at a time.
+
+    Example::
+
+        for batch in batches:
+            state, metrics = trainer.step(state, batch)
+            if int(state.step) % 100 == 0:
+                save_step("runs/x", state, step=int(state.step), meta={"model": cfg})
+        state, meta = load(resolve("runs/x"), like=state)
+    """
+    step = _check_step(step)
+    keep_last = _check_keep_last(keep_last)
+    encoded = _encode_state(state, meta, "save_step")  # rejects unsupported leaves before touching the disk
+
+    run_dir = _absolute(run_dir)
+    folder = _make_checkpoints_dir(run_dir)
+    folders = _step_folders(folder, writer=True)  # puts back what an interrupted re-save moved aside
+    newer = [f.name for n, f in sorted(folders.items()) if n > step and _is_complete(f)]  # damaged ones: pruned
+    if newer:
+        raise ValueError(
+            f"save_step: {folder} already holds {', '.join(newer[-3:])}, newer than step {step}; a run's history "
+            f"only moves forward. Resume from its newest checkpoint (state, meta = load(resolve('{run_dir}'))), "
+            "save into a new run folder, or delete the newer step folders first.")
+    path = folder / _step_name(step)
+    _check_replaceable(path)
+    _publish(path, *encoded)
+    _write_pointer(folder, path.name)
+    _prune(folder, keep=path, keep_last=keep_last)
+    _remove_history_leftovers(folder)
+    return path
+
+
+def latest(path: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint reachable from ``path``, or ``None`` when there is none.
+
+    ``path`` may be a run folder (holding ``checkpoints/``, or the single
+    ``checkpoint/`` that ``save(run_dir / "checkpoint", ...)`` writes), a
+    ``checkpoints/`` folder, or a checkpoint folder itself (returned when complete).
+    Within ``checkpoints/``, the folder that ``latest`` names is taken when it is
+    complete and no newer step folder exists; otherwise the step folders are
+    scanned newest first and the first complete one wins.
+
+    An interrupted save is recovered here, with no ``mv`` by hand: a step folder
+    that a re-save had moved aside (``.step-N.old-*``), or a ``checkpoint/`` that
+    :func:`save` left as a complete hidden sibling, is renamed back into place and
+    returned (unless the process that wrote it is still running: then the hidden
+    folder is returned as is). Use :func:`resolve` for an error instead of ``None``.
+    """
+    path = _absolute(path)
+    if _holds_checkpoint_files(path):
+        return path if _is_complete(path) else None
+    if path.is_dir():
+        for folder in (path / CHECKPOINTS_DIR, path):
+            found = _latest_step(folder) if folder.is_dir() else None
+            if found is not None:
+                return found
+        return _single(path / _SINGLE_DIR)
+    if not path.exists():  # a checkpoint folder moved aside by an interrupted save
+        match = _STEP_DIR.fullmatch(path.name)
+        if match and path.name == _step_name(int(match[1])) and path.parent.is_dir():
+            found = _step_folders(path.parent).get(int(match[1]))
+            return found if found is not None and _is_complete(found) else None
+        return _single(path)
+    return None
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """:func:`latest`, or a :class:`CheckpointError` saying what was looked for, and where.
+
+    Example::
+
+        state, meta = load(resolve("runs/x"))   # a run folder, its checkpoints/, or a checkpoint folder
+    """
+    found = latest(path)
+    if found is not None:
+        return found
+    path = _absolute(path)
+    if _holds_checkpoint_files(path):
+        try:
+            _read_tensors(path, _read_state_file(path)["tensors"])
+        except CheckpointError as e:
+            raise CheckpointError(f"{path} is not a complete checkpoint: {e}") from None
+    if not path.exists():
+        raise CheckpointError(f"No checkpoint at {path}: it does not exist. Train first (save_step('{path}', "
+                              "state, step=...) writes one), or pass an existing run or checkpoint folder.")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a run or checkpoint folder; pass the folder that holds "
+                              f"{CHECKPOINTS_DIR}/ or {STATE_FILE}.")
+    damaged = [f.name for folder in (path / CHECKPOINTS_DIR, path) for _, f in sorted(_step_folders(folder).items())]
+    raise CheckpointError(
+        f"No complete checkpoint in {path} (looked for {path / CHECKPOINTS_DIR}/step-*/, {path}/step-*/ and "
+        f"{path / _SINGLE_DIR}/"
+        + (f"; found only damaged or incomplete ones: {', '.join(damaged[-3:])}" if damaged else "")
+        + "); train first, or pass the checkpoint folder.")
+
+
+def history(run_dir: str | os.PathLike) -> list[Path]:
+    """The complete step folders of a run (``run_dir`` or its ``checkpoints/``), oldest first.
+
+    Interrupted re-saves are recovered as in :func:`latest`; a run of the single
+    ``checkpoint/`` layout has no step folders, so its history is ``[]``. Example::
+
+        for folder in history("runs/x"):
+            state, meta = load(folder)
+            print(folder.name, meta["step"])
+    """
+    run_dir = _absolute(run_dir)
+    folder = run_dir / CHECKPOINTS_DIR if (run_dir / CHECKPOINTS_DIR).is_dir() else run_dir
+    return [f for _, f in sorted(_step_folders(folder).items()) if _is_complete(f)]
+
+
+def _check_step(step: Any) -> int:
+    """``step`` as an int; a ValueError that teaches otherwise."""
+    try:
+        value = operator.index(step) if not isinstance(step, bool) else None
+    except TypeError:
+        value = None
+    if value is None or value < 0:
+        raise ValueError(f"save_step: step must be a non-negative int, got {step!r}; e.g. "
+                         "save_step(run_dir, state, step=int(state.step)).")
+    return value
+
+
+def _check_keep_last(keep_last: Any) -> int:
+    """``keep_last`` as a count, 0 meaning all; a ValueError that teaches otherwise."""
+    if keep_last is None:
+        return 0
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+        raise ValueError(f"save_step: keep_last must be a positive int (how many of the newest checkpoints to "
+                         f"keep), or None or 0 (keep them all), got {keep_last!r}; e.g. keep_last=3.")
+    return keep_last
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _holds_checkpoint_files(path: Path) -> bool:
+    return (path / STATE_FILE).exists() or (path / TENSORS_FILE).exists()
+
+
+def _make_checkpoints_dir(run_dir: Path) -> Path:
+    """``run_dir/checkpoints``, created (and its entry made durable) when missing."""
+    folder = run_dir / CHECKPOINTS_DIR
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"save_step: {folder} exists and is not a folder; it is where the run's "
+                              "checkpoints go. Move it away, or choose another run folder.")
+    if not folder.is_dir():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)
+        _fsync_dir(run_dir)
+        _fsync_dir(run_dir.parent)
+    return folder
+
+
+def _step_folders(folder: Path, *, writer: bool = False) -> dict[int, Path]:
+    """The step folders in ``folder`` by step, complete or not, after recovering interrupted re-saves.
+
+    A step with no visible folder but a complete ``.step-N.old-*`` (moved aside by a
+    re-save that died before its new folder was in place) is renamed back. A reader
+    does not rename a folder whose writer is another running process (it returns
+    the hidden one); the writer (``writer=True``, the run's only one) always does.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    visible: dict[int, Path] = {}
+    aside: dict[int, list[Path]] = {}
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        if (match := _STEP_DIR.fullmatch(entry.name)) and entry.name == _step_name(int(match[1])):
+            visible[int(match[1])] = Path(entry.path)
+        elif (match := _HIDDEN_STEP.fullmatch(entry.name)) and match[2] == "old":
+            aside.setdefault(int(match[1][len("step-"):]), []).append(Path(entry.path))
+    for step, moved in aside.items():
+        complete = [m for m in moved if step not in visible and _is_complete(m)]
+        if complete:
+            newest = max(complete, key=lambda m: (m / STATE_FILE).stat().st_mtime)
+            visible[step] = _restore(newest, folder / _step_name(step), writer=writer)
+    return visible
+
+
+def _latest_step(folder: Path) -> Path | None:
+    """The newest complete step folder in ``folder``: the pointer's when it is the newest, else by scanning."""
+    folders = _step_folders(folder)
+    if not folders:
+        return None
+    newest = max(folders)
+    named = _read_pointer(folder)
+    if named == folders[newest].name and _is_complete(folders[newest]):
+        return folders[newest]  # the usual case: the pointer and the folders agree
+    skip = folders[newest] if named == folders[newest].name else None  # already found incomplete
+    return next((f for _, f in sorted(folders.items(), reverse=True) if f != skip and _is_complete(f)), None)
+
+
+def _single(path: Path) -> Path | None:
+    """``path`` (a checkpoint written by :func:`save`) when complete, else its interrupted save, put back."""
+    if path.is_dir():
+        return path if _is_complete(path) else None
+    if path.exists() or not path.parent.is_dir():
+        return None
+    complete = _interrupted_save_siblings(path)
+    return _restore(complete[0], path, writer=False) if complete else None
+
+
+def _restore(hidden: Path, path: Path, *, writer: bool) -> Path:
+    """Rename the complete ``hidden`` folder back to ``path``; returns where the checkpoint now is.
+
+    A reader leaves ``hidden`` alone when the process named in it is still running
+    (it may be a save between its two renames), and when the rename fails (the folder
+    is read-only, or ``path`` came back meanwhile); the writer must succeed.
+    """
+    if not writer and _writer_running(hidden):
+        return hidden
+    try:
+        os.rename(hidden, path)
+    except OSError:
+        if writer:
+            raise
+        return path if path.is_dir() else hidden
+    _fsync_dir(path.parent)
+    return path
+
+
+def _writer_running(hidden: Path) -> bool:
+    """Whether the pid in ``.NAME.role-<pid>-<random>`` is another process that is still running."""
+    match = re.search(r"-(\d+)-[0-9a-f]+$", hidden.name)
+    if match is None or int(match[1]) == os.getpid() or os.name != "posix":
+        return False  # this process is not saving now (one save at a time); elsewhere, no cheap probe
+    try:
+        os.kill(int(match[1]), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return False
+    return True
+
+
+def _read_pointer(folder: Path) -> str | None:
+    """The step folder name that ``folder/latest`` holds; ``None`` when missing or not a step folder name."""
+    try:
+        name = (folder / POINTER_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    match = _STEP_DIR.fullmatch(name)
+    return name if match and name == _step_name(int(match[1])) else None
+
+
+def _write_pointer(folder: Path, name: str) -> None:
+    """Replace ``folder/latest`` atomically: a fsynced temporary file, ``os.replace``, the folder fsynced."""
+    tmp = folder / f".{POINTER_FILE}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / POINTER_FILE)
+    _fsync_dir(folder)
+
+
+def _prune(folder: Path, *, keep: Path, keep_last: int) -> None:
+    """Delete all step folders but ``keep`` and the newest complete ones, ``keep_last`` in all (0: none deleted).
+
+    Each folder is renamed to a hidden ``.step-N.del-*`` before it is deleted, so it
+    vanishes from the history at once rather than file by file.
+    """
+    if keep_last == 0:
+        return
+    kept = 1  # `keep`, just written and complete
+    for _, path in sorted(_step_folders(folder, writer=True).items(), reverse=True):
+        if path == keep:
+            continue
+        if kept < keep_last and _is_complete(path):
+            kept += 1
+            continue
+        doomed = _sibling(path, "del")
+        os.rename(path, doomed)
+        _fsync_dir(folder)
+        shutil.rmtree(doomed)
+
+
+def _remove_history_leftovers(folder: Path) -> None:
+    """Delete the hidden folders and files that interrupted saves, re-saves and prunes left in ``folder``.
+
+    Called by the run's writer after :func:`_step_folders` has put back every complete
+    ``.old`` folder that a step still needs.
+    """
+    for entry in list(os.scandir(folder)):
+        if _HIDDEN_STEP.fullmatch(entry.name):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        elif _HIDDEN_POINTER.fullmatch(entry.name):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
 
 
 # --------------------------------------------------------------------------- encoding
@@ -299,6 +711,15 @@ def load(path: str | os.PathLike, *, like: PyTree = None,
     return state, doc["meta"]
 
 
+def read_meta(path: str | os.PathLike) -> dict:
+    """The ``meta`` of the checkpoint folder ``path``, without reading its tensors.
+
+    For deciding how to rebuild the state (model configuration, tokenizer, step)
+    before :func:`load`; the tensors file is neither read nor verified here.
+    """
+    return _read_state_file(_absolute(path))["meta"]
+
+
 def _read_state_file(path: Path) -> dict:
     """The parsed, format-checked ``state.json`` of ``path``."""
     if path.exists() and not path.is_dir():
@@ -307,6 +728,10 @@ def _read_state_file(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(_missing_checkpoint_message(path))
     state_path = path / STATE_FILE
+    if not state_path.is_file() and not (path / TENSORS_FILE).exists() and (
+            (path / CHECKPOINTS_DIR).is_dir() or (path / _SINGLE_DIR).exists() or (path / POINTER_FILE).exists()):
+        raise CheckpointError(f"{path} is a run folder, not a checkpoint: load(resolve('{path}')) loads its "
+                              "newest complete checkpoint.")
     if not state_path.is_file():
         raise CheckpointError(f"{state_path} is missing: {path} is not a complete checkpoint (was it copied "
                               f"only in part?). {_EARLIER}")
@@ -347,18 +772,32 @@ def _read_tensors(path: Path, record: dict) -> dict[str, torch.Tensor]:
 def _missing_checkpoint_message(path: Path) -> str:
     """Why ``path`` is missing, naming the complete sibling to use after an interrupted save."""
     message = f"No checkpoint at {path}: the directory does not exist."
-    prefixes = (f".{path.name}.tmp-", f".{path.name}.old-")
-    siblings = [s for s in path.parent.glob(glob.escape(f".{path.name}.") + "*") if s.name.startswith(prefixes)]
-    complete = [s for s in siblings if _is_complete(s)]
+    complete = _interrupted_save_siblings(path)
     if not complete:
         return message
-    new = [s for s in complete if s.name.startswith(f".{path.name}.tmp-")]
-    use = max(new or complete, key=lambda s: (s / STATE_FILE).stat().st_mtime)
-    which = "the new checkpoint being saved" if new else "the previous checkpoint"
-    others = [str(s) for s in complete if s != use]
+    use = complete[0]
+    which = ("the new checkpoint being saved" if use.name.startswith(f".{path.name}.tmp-")
+             else "the previous checkpoint")
+    others = [str(s) for s in complete[1:]]
     return (f"{message} A save into it was interrupted; {use} is complete and holds {which}. "
             f"To use it: mv '{use}' '{path}'"
             + (f" (also complete, and older or previous: {', '.join(others)})." if others else "."))
+
+
+def _interrupted_save_siblings(path: Path) -> list[Path]:
+    """The complete hidden siblings a :func:`save` to ``path`` left behind, the one to use first.
+
+    The one to use is the newest complete ``.NAME.tmp-*`` (the new checkpoint), else the
+    newest complete ``.NAME.old-*`` (the previous one).
+    """
+    prefixes = (f".{path.name}.tmp-", f".{path.name}.old-")
+    siblings = [s for s in path.parent.glob(glob.escape(f".{path.name}.") + "*") if s.name.startswith(prefixes)]
+    complete = [s for s in siblings if _is_complete(s)]
+    new = [s for s in complete if s.name.startswith(prefixes[0])]
+    if not complete:
+        return []
+    use = max(new or complete, key=lambda s: (s / STATE_FILE).stat().st_mtime)
+    return [use] + [s for s in complete if s != use]
 
 
 def _is_complete(directory: Path) -> bool:
