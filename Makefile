@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-fast demo clean
 
 setup: $(VENV)/.installed
 
@@ -20,8 +20,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The main job: pretrain -> SFT -> DPO a small model on the built-in corpus (about 4 minutes on 2 cores).
-demo: setup
+# The same without the end-to-end runs marked slow (kill -9 / resume loops): for quick iterations.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The plot extra (matplotlib) is for the demo only: `make test` never needs it.
+$(VENV)/.plot-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[plot]'
+	touch $@
+
+# The main job: pretrain -> SFT -> DPO a small model on the built-in corpus (about 4 minutes on 2 cores);
+# writes runs/demo/loss_curves.png too.
+demo: $(VENV)/.plot-installed
 	$(BIN)/minillm-func demo --out runs/demo
 
 clean:

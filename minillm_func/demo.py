@@ -8,16 +8,23 @@ described in ``minillm_func/data/demo.py``):
 - pretrain: perplexity of held-out documents;
 - SFT: exact-match accuracy of greedy answers to held-out questions;
 - DPO: preference accuracy on held-out pairs, and the share of greedy answers
-  in the preferred (bare) style.
+  in the preferred (bare) style. Before DPO the policy *is* the reference, so
+  every pair's two rewards are equal: a tie, which preference accuracy (as in
+  TRL) does not count as right. The share of tied pairs is reported beside it,
+  so the "before" column reads as a measurement, not as a model that is wrong
+  on every pair.
 
 The run folder gets one sub-folder per stage (``metrics.jsonl``, a
 checkpoint), ``summary.json`` with the before/after numbers and samples, and
-``loss_curves.png`` when matplotlib is installed.
+``loss_curves.png`` (one panel per stage, titled with the loss it minimises)
+when matplotlib is installed -- ``pip install 'minillm_func[plot]'``, which
+``make demo`` does; without it the demo says so in one line.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -30,7 +37,13 @@ from .generate import generate_text
 from .model import ModelConfig, build_model
 from .trainers import create_trainer
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "run_demo", "format_summary"]
+
+PLOT_HINT = "pip install 'minillm_func[plot]'"
+STAGES = ("pretrain", "sft", "dpo")
+# How each DPO loss type is named in a plot title (see losses.dpo_loss for the formulas).
+_DPO_LOSS_NAMES = {"sigmoid": "DPO (sigmoid) loss", "robust": "robust DPO loss", "ipo": "IPO loss",
+                   "hinge": "hinge loss", "simpo": "SimPO loss"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +102,8 @@ def run_demo(out_dir="runs/demo", config: DemoConfig = DemoConfig(), *, progress
     """Run the three stages; return (and write to ``out_dir/summary.json``) the before/after metrics."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stage in STAGES:  # a demo run starts afresh: an earlier run's stage folders are replaced
+        shutil.rmtree(out / stage, ignore_errors=True)
     c = config
     torch.manual_seed(c.seed)
     started = time.perf_counter()
@@ -134,35 +149,47 @@ def run_demo(out_dir="runs/demo", config: DemoConfig = DemoConfig(), *, progress
     trainer = create_trainer("dpo", model, learning_rate=c.dpo_lr, beta=c.beta, loss_type=c.dpo_loss_type,
                              schedule=_warmup_cosine(c.dpo_lr, c.dpo_steps))
     state = trainer.init(params)
-    pref_before = trainer.evaluate(state, evals())["rewards/accuracies"]
+    dpo_before = trainer.evaluate(state, evals())  # policy == reference: every pair is a tie
     state = trainer.fit(state, Batches(train, c.dpo_batch, seed=c.seed), c.dpo_steps, out_dir=out / "dpo",
                         progress=progress, desc="dpo")
     dpo_eval = trainer.evaluate(state, evals())
     exact_dpo, bare_after, replies_dpo = _sft_accuracy(model, state.params, tok, corpus.sft_eval)
-    summary["stages"]["dpo"] = {"metric": "held-out preference accuracy", "before": pref_before,
+    summary["stages"]["dpo"] = {"metric": "held-out preference accuracy (ties count as wrong)",
+                                "before": dpo_before["rewards/accuracies"],
                                 "after": dpo_eval["rewards/accuracies"], "steps": c.dpo_steps,
+                                "ties": {"before": dpo_before["rewards/ties"], "after": dpo_eval["rewards/ties"]},
                                 "preferred_style_share": {"before": bare_before, "after": bare_after},
                                 "exact_match_after_dpo": exact_dpo}
     summary["samples"] = [{"prompt": e["prompt"], "after_sft": a, "after_dpo": b}
                           for e, a, b in list(zip(corpus.sft_eval, replies_sft, replies_dpo))[:6]]
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _plot(out)
     echo(format_summary(summary))
+    _plot(out, c, echo=echo)
     return summary
 
 
 def format_summary(summary: dict) -> str:
-    """The before/after table and sample generations, as printed at the end of the demo."""
+    """The before/after table and sample generations, as printed at the end of the demo.
+
+    A pure function of ``summary`` (the dict ``run_demo`` returns and writes to
+    ``summary.json``). Preference accuracy counts a tied pair (equal rewards) as
+    not right, so the DPO rows show the tied share beside it.
+    """
     s = summary["stages"]
+    dpo = s["dpo"]
     rows = [("pretrain", "held-out perplexity", s["pretrain"]["before"], s["pretrain"]["after"]),
             ("sft", "held-out exact match", s["sft"]["before"], s["sft"]["after"]),
-            ("dpo", "held-out preference accuracy", s["dpo"]["before"], s["dpo"]["after"]),
-            ("dpo", "greedy answers in preferred style", s["dpo"]["preferred_style_share"]["before"],
-             s["dpo"]["preferred_style_share"]["after"]),
-            ("dpo", "held-out exact match (kept?)", s["sft"]["after"], s["dpo"]["exact_match_after_dpo"])]
-    lines = ["", f"{'stage':<9} {'metric':<34} {'before':>9} {'after':>9}", "-" * 64]
-    lines += [f"{a:<9} {b:<34} {c:>9.3f} {d:>9.3f}" for a, b, c, d in rows]
+            ("dpo", "held-out preference accuracy", dpo["before"], dpo["after"]),
+            ("dpo", "held-out pairs tied (equal rewards)", dpo["ties"]["before"], dpo["ties"]["after"]),
+            ("dpo", "greedy answers in preferred style", dpo["preferred_style_share"]["before"],
+             dpo["preferred_style_share"]["after"]),
+            ("dpo", "held-out exact match (kept?)", s["sft"]["after"], dpo["exact_match_after_dpo"])]
+    lines = ["", f"{'stage':<9} {'metric':<36} {'before':>9} {'after':>9}", "-" * 66]
+    lines += [f"{a:<9} {b:<36} {c:>9.3f} {d:>9.3f}" for a, b, c, d in rows]
+    if dpo["ties"]["before"] or dpo["ties"]["after"]:
+        lines.append("(preference accuracy counts a tied pair as wrong; before DPO the policy is the "
+                     "reference, so its pairs tie)")
     lines += ["", "samples (held-out questions):"]
     for x in summary["samples"]:
         lines.append(f"  {x['prompt'].strip()!r:<28} after SFT: {x['after_sft']!r:<32} after DPO: {x['after_dpo']!r}")
@@ -170,22 +197,44 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot(out: Path) -> None:
-    """loss_curves.png from the stages' metrics.jsonl (skipped when matplotlib is not installed)."""
+def loss_titles(config: DemoConfig) -> dict[str, str]:
+    """The loss each stage minimises, as titled in ``loss_curves.png``; DPO's from ``config``."""
+    dpo_name = _DPO_LOSS_NAMES.get(config.dpo_loss_type, f"{config.dpo_loss_type} loss")
+    return {"pretrain": "pretrain: cross-entropy (next token)",
+            "sft": "sft: cross-entropy on reply tokens",
+            "dpo": f"dpo: {dpo_name} (beta={config.beta:g})"}
+
+
+def _plot(out: Path, config: DemoConfig, *, echo=print) -> Path | None:
+    """Write ``out/loss_curves.png`` from the stages' metrics.jsonl; return its path.
+
+    Without matplotlib, say so in one line (and how to get it) and return None.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+        echo(f"loss_curves.png skipped: matplotlib is not installed ({PLOT_HINT}, or run `make demo`)")
+        return None
+    titles = loss_titles(config)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for ax, stage in zip(axes, ("pretrain", "sft", "dpo")):
         path = out / stage / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
         rows = [r for r in rows if r.get("split") == "train"]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8)
-        ax.set_title(f"{stage} loss")
+        # markers when there are few points, so a one-update run (--quick) still shows its loss
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, marker="o" if len(rows) < 30 else None,
+                ms=3)
+        ax.set_title(titles[stage], fontsize=10)
         ax.set_xlabel("update")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=100)
+    png = out / "loss_curves.png"
+    fig.savefig(png, dpi=100)
     plt.close(fig)
+    echo(f"loss curves: {png}")
+    return png

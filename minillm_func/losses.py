@@ -173,8 +173,10 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     (for ``ipo`` the per-token log-ratio, for ``simpo`` :math:`\beta s_w/n_w`),
     ``rewards/rejected`` likewise, ``rewards/margins`` = their difference,
     ``rewards/accuracies`` = share of pairs with chosen reward strictly above
-    rejected (ties count as wrong), ``logps/chosen`` and ``logps/rejected`` =
-    mean summed policy log-probs.
+    rejected (ties count as wrong, as in TRL), ``rewards/ties`` = share of pairs
+    whose two rewards are exactly equal (every pair while the policy is the
+    reference; so accuracies + ties + share ranked the wrong way = 1),
+    ``logps/chosen`` and ``logps/rejected`` = mean summed policy log-probs.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo_loss: unknown loss_type={loss_type!r}; choose one of {DPO_LOSS_TYPES}.")
@@ -239,6 +241,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
             "rewards/chosen": r_w.mean(),
             "rewards/rejected": r_l.mean(),
             "rewards/accuracies": (r_w > r_l).to(r_w.dtype).mean(),
+            "rewards/ties": (r_w == r_l).to(r_w.dtype).mean(),
             "rewards/margins": (r_w - r_l).mean(),
             "logps/chosen": policy_chosen_logps.detach().mean(),
             "logps/rejected": policy_rejected_logps.detach().mean(),

@@ -171,6 +171,7 @@ def test_sigmoid_at_policy_equal_reference_is_log2(d, beta):
     loss, m = mf.dpo_loss(d["pc"], d["pr"], d["pc"].clone(), d["pr"].clone(), beta=beta)
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-12)
     assert m["rewards/accuracies"].item() == 0.0  # ties count as wrong
+    assert m["rewards/ties"].item() == 1.0  # ... and are reported as ties
 
 
 @given(dpo_logps(), betas, st.floats(0.1, 10.0))
@@ -256,6 +257,56 @@ def test_metrics_are_consistent(d, beta, loss_type):
     assert 0.0 <= m["rewards/accuracies"].item() <= 1.0
     torch.testing.assert_close(m["logps/chosen"], d["pc"].mean(), rtol=0, atol=0)
     assert all(not v.requires_grad for v in m.values())
+
+
+def test_rewards_ties_on_constructed_pairs():
+    """Closed form: pairs 0 and 2 tie exactly; pair 3 is ranked right, and so is pair 4, by
+    2**-40 nats only (not a tie: ties are exact equality); pair 1 is ranked wrong."""
+    pc = torch.tensor([-1.0, -2.0, -3.0, -0.5, -1.0], dtype=torch.float64)
+    pr = torch.tensor([-1.0, -1.0, -3.0, -2.5, -1.0 - 2.0**-40], dtype=torch.float64)
+    ref = torch.full((5,), -1.5, dtype=torch.float64)
+    n = torch.tensor([2, 4, 2, 4, 2])
+    for loss_type in ("sigmoid", "ipo", "simpo"):
+        rc = rr = None if loss_type == "simpo" else ref
+        _, m = mf.dpo_loss(pc, pr, rc, rr, loss_type=loss_type, chosen_counts=n, rejected_counts=n)
+        assert m["rewards/ties"].item() == 2 / 5, loss_type
+        assert m["rewards/accuracies"].item() == 2 / 5, loss_type
+        assert m["rewards/ties"].dtype == torch.float64 and not m["rewards/ties"].requires_grad
+
+
+@given(st.lists(st.sampled_from(["tie", "right", "wrong"]), min_size=1, max_size=8), betas,
+       st.sampled_from(["sigmoid", "robust", "ipo", "hinge", "simpo"]), seeds)
+def test_rewards_ties_is_the_share_of_exactly_tied_pairs(kinds, beta, loss_type, seed):
+    """Build each pair as a tie (same log-probs and counts on both sides) or as ranked
+    right / wrong by a margin of at least one nat; compare with the share counted in Python."""
+    P, g = len(kinds), gen(seed)
+    pc = -torch.rand(P, generator=g, dtype=torch.float64) * 20
+    rc = -torch.rand(P, generator=g, dtype=torch.float64) * 20
+    nc = torch.randint(1, 9, (P,), generator=g)
+    gap = 1 + torch.rand(P, generator=g, dtype=torch.float64)
+    sign = torch.tensor([{"tie": 0.0, "right": -1.0, "wrong": 1.0}[k] for k in kinds], dtype=torch.float64)
+    pr = pc + sign * gap  # rejected log-prob below chosen's when "right"
+    ref = (None, None) if loss_type == "simpo" else (rc, rc.clone())
+    _, m = mf.dpo_loss(pc, pr, *ref, beta=beta, loss_type=loss_type, chosen_counts=nc, rejected_counts=nc.clone())
+    assert m["rewards/ties"].item() == kinds.count("tie") / P
+    assert m["rewards/accuracies"].item() == kinds.count("right") / P
+
+
+@given(dpo_logps(), betas, st.sampled_from(["sigmoid", "robust", "ipo", "hinge", "simpo"]), st.data())
+def test_accuracies_ties_and_wrong_rankings_add_up_to_one(d, beta, loss_type, data):
+    """Every pair is ranked right, tied or ranked wrong: the three shares sum to 1.
+    Some pairs are made exact ties (policy == reference on both sides) so all three occur."""
+    tied = torch.tensor(data.draw(st.lists(st.booleans(), min_size=len(d["pc"]), max_size=len(d["pc"]))))
+    d = dict(d, pr=torch.where(tied, d["pc"], d["pr"]), rr=torch.where(tied, d["rc"], d["rr"]),
+             nr=torch.where(tied, d["nc"], d["nr"]))
+    _, m = dpo(d, beta=beta, loss_type=loss_type)
+    c, r = (d["pc"], d["pr"]) if loss_type == "simpo" else (d["pc"] - d["rc"], d["pr"] - d["rr"])
+    if loss_type in ("ipo", "simpo"):
+        c, r = c / d["nc"], r / d["nr"]
+    wrong = (beta * c < beta * r).double().mean()
+    assert math.isclose(m["rewards/accuracies"].item() + m["rewards/ties"].item() + wrong.item(), 1.0,
+                        rel_tol=0, abs_tol=1e-12)
+    assert m["rewards/ties"].item() >= tied.double().mean().item()
 
 
 @given(dpo_logps(), betas, st.data())
