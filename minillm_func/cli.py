@@ -1,12 +1,25 @@
 """The ``minillm-func`` command.
 
     minillm-func demo [--out runs/demo]                   # pretrain -> SFT -> DPO on the built-in corpus
-    minillm-func train {pretrain,sft,dpo} --data FILE --out DIR [--init CKPT] [--resume] [--config FILE]
-    minillm-func generate --ckpt DIR --prompt TEXT [--max-new-tokens N] [--temperature T] ...
-    minillm-func eval --ckpt DIR --data FILE
+    minillm-func train {pretrain,sft,dpo} --data FILE --out DIR [--init RUN] [--resume] [--config FILE]
+    minillm-func generate --ckpt RUN --prompt TEXT [--max-new-tokens N] [--temperature T] ...
+    minillm-func eval --ckpt RUN --data FILE [--kind pretrain|sft|dpo]
 
 Settings for ``train`` come from flags and/or a TOML or JSON file (``--config``;
-flags win); the settings used are written to ``DIR/config.json``.
+flags win). They are all checked before any data is read, and the settings the
+run really uses (defaults resolved: learning rate, schedule, ``T_max``, model
+shape, tokenizer) are written to ``DIR/config.json``. ``--resume`` reads them
+back: only what is safe to change mid-run (``--steps``, ``--epochs``, cadences,
+``--keep-last``, ``--threads``...) may be given again with another value.
+
+Checkpoints go to ``DIR/checkpoints/step-NNNNNN/`` (the newest ``--keep-last``
+are kept); wherever a checkpoint is expected (``--init``, ``--ckpt``) a run
+folder works and means its newest complete checkpoint.
+
+Every expected error (bad settings, bad data, a bad checkpoint, a missing file,
+a full disk, a failed peer) is one line on stderr, ``minillm-func: error: ...``,
+with exit code 2 for usage errors and 1 for the rest; ``--debug`` (or
+``MINILLM_DEBUG=1``) shows the traceback instead.
 
 ``train`` runs data-parallel when launched by ``torchrun`` (``WORLD_SIZE`` > 1):
 ``--batch-size`` is then the global micro-batch, split over the processes, so
@@ -18,41 +31,75 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
-import torch
+__all__ = ["main", "UsageError", "TRAIN_SETTINGS"]
 
-__all__ = ["main"]
+PROG = "minillm-func"
+KINDS = ("pretrain", "sft", "dpo")
+DEFAULT_STEPS = 1000
+DEFAULT_MAX_LENGTH = 256
+DEFAULT_SHAPE = {"dim": 256, "n_layers": 4, "n_heads": 4}
 
-# train settings: name -> (default, type, help)
+
+class UsageError(ValueError):
+    """A flag, setting or config file that cannot be used as given (exit code 2)."""
+
+
+# name -> (default, type, help). A default of None is resolved from the others (see _resolve).
 TRAIN_SETTINGS = {
-    "steps": (1000, int, "optimizer updates to train for"),
+    "steps": (None, int, f"optimizer updates to train for (default: {DEFAULT_STEPS}, or as many as --epochs make)"),
+    "epochs": (None, int, "passes over the training data, instead of --steps"),
     "batch_size": (16, int, "sequences (or pairs) per micro-batch"),
     "accumulation_steps": (1, int, "micro-batches per optimizer update"),
-    "max_length": (256, int, "tokens per sequence"),
+    "max_length": (None, int, f"tokens per sequence (default: {DEFAULT_MAX_LENGTH}, or the --init model's limit)"),
     "learning_rate": (None, float, "peak learning rate (default: 1e-4; 5e-5 for sft)"),
     "weight_decay": (0.01, float, "AdamW weight decay"),
     "max_grad_norm": (1.0, float, "global-norm clipping (0: none)"),
-    "schedule": ("cosine", str, "'cosine' (torch's CosineAnnealingLR, T_max) or 'warmup_cosine'"),
-    "T_max": (1000, int, "cosine annealing period"),
-    "warmup_steps": (0, int, "warm-up updates for warmup_cosine"),
-    "precision": ("fp32", str, "fp32, bf16 or fp16"),
+    "schedule": (None, str, "'cosine' (torch's CosineAnnealingLR over T_max) or 'warmup_cosine' "
+                            "(default: warmup_cosine when --warmup-steps > 0, else cosine)"),
+    "T_max": (None, int, "cosine annealing period (default: the run's number of updates)"),
+    "warmup_steps": (0, int, "linear warm-up updates; > 0 selects warmup_cosine"),
+    "precision": ("fp32", str, "fp32 or bf16 (fp16 needs a CUDA GPU)"),
     "beta": (0.1, float, "DPO beta"),
     "loss_type": ("sigmoid", str, "DPO loss: sigmoid, robust, ipo, hinge, simpo"),
     "label_smoothing": (0.0, float, "DPO label smoothing"),
     "precompute_reference": (False, bool, "DPO: compute reference log-probs once, keep no reference model"),
     "pack": (True, bool, "pretraining: pack documents into full blocks"),
-    "eval_data": (None, str, "held-out file evaluated every --eval-every updates"),
-    "eval_every": (0, int, "evaluate every N updates (0: never)"),
+    "eval_data": (None, str, "held-out file, evaluated at step 0 and every --eval-every updates"),
+    "eval_every": (None, int, "evaluate every N updates (default with --eval-data: a tenth of the run)"),
     "checkpoint_every": (0, int, "checkpoint every N updates (0: only at the end)"),
+    "keep_last": (3, int, "checkpoints kept in DIR/checkpoints"),
+    "max_skipped": (100, int, "stop after this many consecutive non-finite updates"),
     "seed": (0, int, "seed for the model init and the data order"),
-    "dim": (256, int, "model width (new models only)"),
-    "n_layers": (4, int, "transformer blocks (new models only)"),
-    "n_heads": (4, int, "attention heads (new models only)"),
+    "dim": (None, int, f"model width (new models; default {DEFAULT_SHAPE['dim']})"),
+    "n_layers": (None, int, f"transformer blocks (new models; default {DEFAULT_SHAPE['n_layers']})"),
+    "n_heads": (None, int, f"attention heads (new models; default {DEFAULT_SHAPE['n_heads']})"),
+    "tokenizer": (None, str, "byte, bpe:VOCAB (trained on --data) or PATH/tokenizer.json (new models; "
+                             "default byte)"),
     "compile": (False, bool, "wrap the train step in torch.compile"),
+    "threads": (None, int, "CPU threads for torch (default: torch's choice; 1 is best on a busy machine)"),
+    "dist_timeout": (60.0, float, "seconds a data-parallel peer may stay silent before the run stops"),
 }
+
+# Settings a resumed run may change: they do not alter the model, the data order or the update rule.
+RESUME_SAFE = {"steps", "epochs", "eval_data", "eval_every", "checkpoint_every", "keep_last", "max_skipped",
+               "compile", "threads", "dist_timeout"}
+_MODEL_SHAPE = ("dim", "n_layers", "n_heads")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: ``minillm-func: error: ... (see minillm-func train --help)``."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _bool(text: str) -> bool:
@@ -64,106 +111,355 @@ def _bool(text: str) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minillm-func", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks (also: MINILLM_DEBUG=1)")
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], parents=[common])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    d = sub.add_parser("demo", help="pretrain -> SFT -> DPO a small model on the built-in corpus (~5 min on a CPU)")
+    d = sub.add_parser("demo", parents=[common],
+                       help="pretrain -> SFT -> DPO a small model on the built-in corpus (~5 min on a CPU)")
     d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a few steps per stage, to check the installation")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--threads", type=int, help="CPU threads for torch (1 is best on a busy machine)")
 
-    t = sub.add_parser("train", help="train one stage on your own file")
-    t.add_argument("kind", choices=["pretrain", "sft", "dpo"])
-    t.add_argument("--data", required=True, help="JSON Lines or .txt file")
-    t.add_argument("--out", required=True, help="run folder: checkpoint, metrics.jsonl, config.json")
-    t.add_argument("--init", help="start from the params of this checkpoint folder (e.g. the previous stage's)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t = sub.add_parser("train", parents=[common], help="train one stage on your own file")
+    t.add_argument("kind", choices=KINDS)
+    t.add_argument("--data", help="JSON Lines or .txt file (with --resume: default, the run's own)")
+    t.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, config.json")
+    t.add_argument("--init", help="start from this run folder's newest checkpoint (or a checkpoint folder)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--config", help="TOML or JSON file of the settings below")
     t.add_argument("--no-progress", action="store_true")
     for name, (default, kind, text) in TRAIN_SETTINGS.items():
+        shown = "" if default is None else f" (default: {default})"
         t.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_bool if kind is bool else kind,
-                       default=None, help=f"{text} (default: {default})")
+                       default=None, help=text + shown)
 
-    g = sub.add_parser("generate", help="sample from a checkpoint")
-    g.add_argument("--ckpt", required=True, help="checkpoint folder (DIR/checkpoint of a run)")
-    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g = sub.add_parser("generate", parents=[common], help="sample from a checkpoint")
+    g.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
+    g.add_argument("--prompt", action="append", required=True,
+                   help="prompt text (repeat for a batch); \\n and \\t are read as newline and tab, \\\\ as \\")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on a file")
-    e.add_argument("--ckpt", required=True)
+    e = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint on a file")
+    e.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
     e.add_argument("--data", required=True)
+    e.add_argument("--kind", choices=KINDS, help="score as this stage (default: the checkpoint's own)")
+    e.add_argument("--ref", help="DPO reference checkpoint (default: the one the run was trained against)")
     e.add_argument("--batch-size", type=int, default=32)
     return p
 
 
-def _settings(args) -> dict:
-    """Defaults, overridden by the config file, overridden by flags."""
-    settings = {name: default for name, (default, _, _) in TRAIN_SETTINGS.items()}
+# --------------------------------------------------------------------------- settings
+
+
+def _given_settings(args) -> tuple[dict, str]:
+    """The settings the user gave (config file, then flags), and where they came from, for messages."""
+    given, source = {}, "the flags"
     if args.config:
         path = Path(args.config)
         if not path.is_file():
-            raise SystemExit(f"minillm-func: no config file at {path}.")
-        if path.suffix == ".toml":
-            import tomllib
-            loaded = tomllib.loads(path.read_text())
-        else:
-            loaded = json.loads(path.read_text())
-        unknown = set(loaded) - set(settings)
+            raise UsageError(f"no config file at {path}.")
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".toml":
+                import tomllib
+                loaded = tomllib.loads(text)
+            else:
+                loaded = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: "
+                             f"{_one_line(e)}.") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"{path} must hold a table of settings, e.g. `steps = 100`.")
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - set(TRAIN_SETTINGS))
         if unknown:
-            raise SystemExit(f"minillm-func: unknown settings in {path}: {sorted(unknown)}; "
-                             f"known: {sorted(settings)}.")
-        settings.update(loaded)
-    settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
-    return settings
+            raise UsageError(f"unknown settings in {path}: {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(TRAIN_SETTINGS))}.")
+        for name, value in loaded.items():
+            _check_type(name, value, f"in {path}")
+        given.update(loaded)
+        source = f"{path} and the flags"
+    given.update({k: v for k, v in vars(args).items() if k in TRAIN_SETTINGS and v is not None})
+    return given, source
 
 
-def _load_checkpoint(path):
+def _check_type(name: str, value, where: str) -> None:
+    kind = TRAIN_SETTINGS[name][1]
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, str))
+    if value is not None and not ok:
+        want = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}[kind]
+        raise UsageError(f"{name} must be {want}, got {value!r} ({where}).")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _validate(s: dict, kind: str) -> None:
+    """Refuse settings that cannot mean what they say; run before any data is read."""
+    from .losses import DPO_LOSS_TYPES
+
+    def need(cond, message):
+        if not cond:
+            raise UsageError(message)
+
+    for name in ("steps", "epochs", "batch_size", "accumulation_steps", "T_max", "keep_last", "max_skipped",
+                 "eval_every", "threads"):
+        v = s.get(name)
+        need(v is None or v >= 1, f"{_flag(name)} must be a whole number >= 1, got {v}.")
+    for name in ("warmup_steps", "checkpoint_every", "seed"):
+        need(s[name] >= 0, f"{_flag(name)} must be >= 0, got {s[name]}.")
+    need(s["max_length"] >= 2, f"--max-length must be at least 2 (an input and its target), got {s['max_length']}.")
+    lr = s["learning_rate"]
+    need(math.isfinite(lr) and lr > 0,
+         f"--learning-rate must be a positive, finite number, got {lr} (a negative rate would ascend the loss).")
+    for name in ("weight_decay", "max_grad_norm"):
+        need(math.isfinite(s[name]) and s[name] >= 0, f"{_flag(name)} must be a finite number >= 0, got {s[name]}.")
+    need(math.isfinite(s["dist_timeout"]) and s["dist_timeout"] > 0,
+         f"--dist-timeout must be a positive number of seconds, got {s['dist_timeout']}.")
+    need(s["schedule"] in ("cosine", "warmup_cosine"),
+         f"--schedule must be 'cosine' or 'warmup_cosine', got {s['schedule']!r}.")
+    need(not (s["schedule"] == "cosine" and s["warmup_steps"] > 0),
+         f"--warmup-steps {s['warmup_steps']} needs the warmup_cosine schedule, but --schedule cosine was given; "
+         "drop --schedule (warm-up selects warmup_cosine) or drop --warmup-steps.")
+    need(s["schedule"] == "cosine" or s["warmup_steps"] < s["steps"],
+         f"--warmup-steps ({s['warmup_steps']}) must be smaller than the run's {s['steps']} updates.")
+    need(s["precision"] in ("fp32", "bf16", "fp16"),
+         f"--precision must be fp32, bf16 or fp16, got {s['precision']!r}.")
+    need(s["precision"] != "fp16",
+         "--precision fp16 needs a CUDA GPU (loss-scaled float16), and this command trains on the CPU; "
+         "use --precision bf16 (or fp32).")
+    if kind == "dpo":
+        need(s["loss_type"] in DPO_LOSS_TYPES,
+             f"--loss-type must be one of {', '.join(DPO_LOSS_TYPES)}, got {s['loss_type']!r}.")
+        need(math.isfinite(s["beta"]) and s["beta"] > 0, f"--beta must be a positive number, got {s['beta']}.")
+        need(0 <= s["label_smoothing"] < 0.5, f"--label-smoothing must lie in [0, 0.5), got {s['label_smoothing']}.")
+    if s["eval_data"] is None:
+        need(s.get("eval_every") is None, "--eval-every needs --eval-data FILE (what to evaluate on).")
+    for name in ("dim", "n_layers", "n_heads"):
+        need(s[name] >= 1, f"{_flag(name)} must be a whole number >= 1, got {s[name]}.")
+    need(s["dim"] % s["n_heads"] == 0 and (s["dim"] // s["n_heads"]) % 2 == 0,
+         f"--dim {s['dim']} must be a multiple of 2 x --n-heads ({2 * s['n_heads']}): each head needs an even "
+         "size for rotary positions.")
+
+
+def _max_length_limit(dim: int, n_layers: int, vocab: int, batch_size: int) -> int:
+    """The longest sequence whose training step fits in half of this machine's memory (a rough estimate).
+
+    Per token, kept for the backward pass in float32: about 24 * dim activations per block,
+    and 3 * vocab for the logits, their log-softmax and gradient.
+    """
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 16 * 2**30
+    per_token = 4 * (24 * dim * n_layers + 3 * vocab)
+    return max(2, memory // 2 // (per_token * batch_size))
+
+
+def _tokenizer_spec(spec: str):
+    """``byte`` | ``bpe:VOCAB`` | a tokenizer.json path -> ("byte", None) | ("bpe", vocab) | ("file", Path)."""
+    if spec == "byte":
+        return "byte", None
+    if spec.startswith("bpe:"):
+        try:
+            vocab = int(spec[4:])
+        except ValueError:
+            raise UsageError(f"--tokenizer {spec}: the BPE vocabulary size must be a whole number, "
+                             "e.g. --tokenizer bpe:4096.") from None
+        if vocab < 259:
+            raise UsageError(f"--tokenizer {spec}: the vocabulary needs at least 259 entries (bytes + specials).")
+        return "bpe", vocab
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"--tokenizer {spec}: no such file; use byte, bpe:VOCAB or a path to a tokenizer.json.")
+    return "file", path
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _resolve_checkpoint(path: str | Path, what: str) -> Path:
+    from . import checkpoint
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what} {path}: no such run or checkpoint folder.")
+    return checkpoint.resolve(path)
+
+
+def _load_checkpoint(path: str | Path, what: str = "--ckpt"):
+    """(state, meta, model, tokenizer, folder) of the newest complete checkpoint under ``path``."""
     from . import checkpoint
     from .data import load_tokenizer
     from .model import ModelConfig, build_model
 
-    state, meta = checkpoint.load(path)
+    folder = _resolve_checkpoint(path, what)
+    state, meta = checkpoint.load(folder)
+    if "model_config" not in meta:
+        raise ValueError(f"{folder} holds no model configuration: it was not written by `minillm-func train`.")
     model = build_model(ModelConfig(**meta["model_config"]))
     tok = load_tokenizer(meta.get("tokenizer", {"type": "byte"}))
-    return state, meta, model, tok
+    return state, meta, model, tok, folder
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _resolve(s: dict, kind: str, init_meta: dict | None) -> dict:
+    """Fill the settings left to defaults; the result is what config.json records."""
+    s = dict(s)
+    if init_meta is not None:
+        shape = init_meta["model_config"]
+        for name in _MODEL_SHAPE:
+            if s[name] is not None and s[name] != shape[name]:
+                raise UsageError(f"{_flag(name)} {s[name]} conflicts with the --init checkpoint, whose model has "
+                                 f"{name} = {shape[name]}; the shape comes from the checkpoint: drop {_flag(name)}.")
+            s[name] = shape[name]
+        if s["tokenizer"] is not None:
+            raise UsageError("--tokenizer conflicts with --init: the tokenizer comes from the checkpoint; "
+                             "drop --tokenizer.")
+        if s["max_length"] is None:
+            s["max_length"] = shape["max_seq_len"]
+    for name, value in DEFAULT_SHAPE.items():
+        s[name] = value if s[name] is None else s[name]
+    s["max_length"] = DEFAULT_MAX_LENGTH if s["max_length"] is None else s["max_length"]
+    s["tokenizer"] = s["tokenizer"] or ("checkpoint" if init_meta is not None else "byte")
+    if s["learning_rate"] is None:
+        s["learning_rate"] = 5e-5 if kind == "sft" else 1e-4
+    if s["schedule"] is None:
+        s["schedule"] = "warmup_cosine" if s["warmup_steps"] > 0 else "cosine"
+    if s["steps"] is not None and s["epochs"] is not None:
+        raise UsageError(f"give --steps ({s['steps']}) or --epochs ({s['epochs']}), not both.")
+    return s
+
+
+def _read_run_config(out: Path) -> dict:
+    path = out / "config.json"
+    if not path.is_file():
+        raise UsageError(f"--resume: {out} holds no run to resume ({path} is missing); start it without --resume.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path} is corrupted ({_one_line(e)}); start a new run with --init {out}.") from None
+
+
+def _merge_resumed(saved: dict, given: dict, source: str) -> dict:
+    """The run's own settings, with the safe ones that ``given`` changes; any other change is refused."""
+    s = {name: saved.get(name, TRAIN_SETTINGS[name][0]) for name in TRAIN_SETTINGS}
+    for name, value in given.items():
+        if name in RESUME_SAFE:
+            s[name] = value
+        elif value != s[name]:
+            raise UsageError(
+                f"{_flag(name)} {value} (from {source}) differs from the run's {s[name]!r} in config.json; a "
+                f"resumed run keeps its settings (only {', '.join(_flag(n) for n in sorted(RESUME_SAFE))} may "
+                "change). Start a new run from it with --init instead.")
+    # config.json holds the resolved number of updates; --epochs or --steps given now replaces it.
+    if "epochs" in given and "steps" not in given:
+        s["steps"] = None
+    else:
+        s["epochs"] = None
+    return s
 
 
 def _train(args) -> None:
+    import torch
+
     from . import checkpoint, distributed, schedules
-    from .data import Batches, ByteTokenizer, load_dataset
+    from .data import Batches, BPETokenizer, ByteTokenizer, load_dataset, read_records
     from .model import ModelConfig, build_model
     from .trainers import add_reference_logps, create_trainer
 
-    s = _settings(args)
     out = Path(args.out)
-    distributed.init_from_env()  # under torchrun: join the group; a single process: no-op
-    world, main = distributed.world_size(), distributed.is_main()
-    tok = ByteTokenizer()
-    if args.init:
-        init_state, init_meta, model, tok = _load_checkpoint(args.init)
-        params = init_state.params
+    given, source = _given_settings(args)
+    if args.resume:
+        if args.init:
+            raise UsageError("--resume continues the run in --out from its own checkpoint; drop --init.")
+        saved = _read_run_config(out)
+        if saved.get("kind") != args.kind:
+            raise UsageError(f"{out} holds a {saved.get('kind')} run; resume it with `train {saved.get('kind')}`.")
+        s = _merge_resumed(saved, given, source)
+        data_path = args.data or saved.get("data")
+        init_path = saved.get("init")
     else:
+        if (out / "config.json").exists() and checkpoint.latest(out) is not None:
+            raise UsageError(f"{out} already holds a run; add --resume to continue it, or choose another --out.")
+        s = {name: given.get(name, default) for name, (default, _, _) in TRAIN_SETTINGS.items()}
+        data_path, init_path = args.data, args.init
+    if not data_path:
+        raise UsageError("--data FILE is required (the training data).")
+
+    init_state = init_meta = None
+    if init_path:
+        init_state, init_meta, model, tok, init_folder = _load_checkpoint(init_path, "--init")
+        init_path = str(init_folder)
+    s = _resolve(s, args.kind, init_meta)
+    steps_known = s["steps"] if s["steps"] is not None else DEFAULT_STEPS
+    _validate({**s, "steps": steps_known, "T_max": s["T_max"]}, args.kind)
+    # A resumed run's tokenizer (trained BPE included) comes from its checkpoint: never rebuilt.
+    kind_tok, tok_arg = (("checkpoint", None) if init_meta is not None or args.resume
+                         else _tokenizer_spec(s["tokenizer"]))
+    if init_meta is not None:
+        limit, why = model.config.max_seq_len, "the --init model's max_seq_len"
+    else:
+        vocab = tok_arg if kind_tok == "bpe" else 512  # a tokenizer file's size is not known yet: a typical one
+        limit = _max_length_limit(s["dim"], s["n_layers"], vocab, s["batch_size"])
+        why = (f"about the most one batch of {s['batch_size']} sequences fits in half of this machine's memory "
+               "at this model size (lower --batch-size for longer ones)")
+    if s["max_length"] > limit:
+        raise UsageError(f"--max-length {s['max_length']} is too long: the limit is {limit} ({why}).")
+
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
+    distributed.init_from_env(timeout_s=s["dist_timeout"])  # under torchrun: join the group; else no-op
+    world, main = distributed.world_size(), distributed.is_main()
+
+    resume_from = checkpoint.resolve(out) if args.resume else None
+    resume_meta = checkpoint.read_meta(resume_from) if resume_from is not None else None
+    if init_meta is None:
+        if resume_meta is not None and "tokenizer" in resume_meta:
+            from .data import load_tokenizer
+            tok = load_tokenizer(resume_meta["tokenizer"])
+        elif kind_tok == "bpe":
+            _, records = read_records(data_path)
+            tok = BPETokenizer.train(_texts_of(records), vocab_size=tok_arg)
+        elif kind_tok == "file":
+            tok = BPETokenizer.load(tok_arg)
+        else:
+            tok = ByteTokenizer()
         model = build_model(ModelConfig(vocab_size=tok.vocab_size, dim=s["dim"], n_layers=s["n_layers"],
                                         n_heads=s["n_heads"], max_seq_len=s["max_length"]))
         params = model.init(s["seed"])
-    if s["max_length"] > model.config.max_seq_len:
-        raise SystemExit(f"minillm-func: --max-length {s['max_length']} exceeds the model's max_seq_len "
-                         f"{model.config.max_seq_len}.")
-    data = load_dataset(args.data, tok, s["max_length"], kind=args.kind, pack=s["pack"])
-    lr = s["learning_rate"]
+    else:
+        params = init_state.params
+
+    data = load_dataset(data_path, tok, s["max_length"], kind=args.kind, pack=s["pack"])
+    batches_per_epoch = math.ceil(len(data) / s["batch_size"])
+    if s["steps"] is None:
+        s["steps"] = max(1, (s["epochs"] or 0) * batches_per_epoch // s["accumulation_steps"]) \
+            if s["epochs"] else DEFAULT_STEPS
+    s["T_max"] = s["T_max"] or s["steps"]
+    if s["eval_data"] and s["eval_every"] is None:
+        s["eval_every"] = max(1, s["steps"] // 10)
+    _validate(s, args.kind)
+
     schedule = None
     if s["schedule"] == "warmup_cosine":
-        peak = lr if lr is not None else (5e-5 if args.kind == "sft" else 1e-4)
-        schedule = schedules.warmup_cosine(peak, s["warmup_steps"], s["steps"], peak / 10)
-    elif s["schedule"] != "cosine":
-        raise SystemExit(f"minillm-func: --schedule must be 'cosine' or 'warmup_cosine', got {s['schedule']!r}.")
+        lr = s["learning_rate"]
+        schedule = schedules.warmup_cosine(lr, s["warmup_steps"], s["steps"], lr / 10)
     precompute = args.kind == "dpo" and s["precompute_reference"]
-    trainer = create_trainer(args.kind, model, learning_rate=lr, weight_decay=s["weight_decay"],
+    trainer = create_trainer(args.kind, model, learning_rate=s["learning_rate"], weight_decay=s["weight_decay"],
                              max_grad_norm=s["max_grad_norm"] or None, T_max=s["T_max"], schedule=schedule,
                              accumulation_steps=s["accumulation_steps"], precision=s["precision"],
                              beta=s["beta"], loss_type=s["loss_type"], label_smoothing=s["label_smoothing"],
@@ -173,16 +469,23 @@ def _train(args) -> None:
         data = add_reference_logps(model, params, data)
     state = trainer.init(params)
     position = (0, 0)
-    if args.resume:
-        state, meta = checkpoint.load(out / "checkpoint", like=state)
+    if resume_from is not None:
+        state, meta = checkpoint.load(resume_from, like=state)
         checkpoint.check_meta(meta, {"kind": args.kind, "model_config": dataclasses.asdict(model.config)})
         position = tuple(meta.get("data_position") or (0, 0))
         if main:
-            print(f"resuming {args.kind} at update {meta['step']}, data position {position}")
+            print(f"resuming {args.kind} at update {meta['step']} from {resume_from}, data position {position}")
+        if meta["step"] >= s["steps"] and main:
+            print(f"note: the run is already at update {meta['step']} of {s['steps']}; raise --steps to train on.")
+    if main and s["steps"] > s["T_max"] and s["schedule"] == "cosine":
+        print(f"note: {s['steps']} updates exceed T_max {s['T_max']}: the cosine learning rate rises again "
+              "after update T_max (CosineAnnealingLR is periodic).")
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"kind": args.kind, "data": args.data, "world_size": world,
-                                                     **s}, indent=2))
+        record = {"kind": args.kind, "data": str(data_path), "init": init_path, "world_size": world, **s}
+        _write_json(out / "config.json", record)
+        if hasattr(tok, "save") and not (out / "tokenizer.json").exists():
+            tok.save(out / "tokenizer.json")
     # A last batch with fewer items than processes cannot be split: drop it (and say so).
     drop_last = world > 1 and 0 < len(data) % s["batch_size"] < world
     if drop_last and main:
@@ -198,21 +501,60 @@ def _train(args) -> None:
         eval_batches = lambda: Batches(held, s["batch_size"], shuffle=False, epochs=1,  # noqa: E731
                                        drop_last=world > 1 and 0 < len(held) % s["batch_size"] < world,
                                        rank=distributed.rank(), world_size=world)
-    trainer.fit(state, batches, s["steps"], eval_batches=eval_batches, eval_every=s["eval_every"], out_dir=out,
-                checkpoint_every=s["checkpoint_every"], progress=not args.no_progress,
-                meta={"tokenizer": tok.to_json()})
+    trainer.fit(state, batches, s["steps"], eval_batches=eval_batches, eval_every=s["eval_every"] or 0,
+                out_dir=out, checkpoint_every=s["checkpoint_every"], keep_last=s["keep_last"],
+                max_skipped=s["max_skipped"], progress=not args.no_progress, reraise_interrupt=True,
+                meta={"tokenizer": tok.to_json(), "init": init_path})
     if main:
-        print(f"{args.kind}: checkpoint in {out / 'checkpoint'}, metrics in {out / 'metrics.jsonl'}")
+        print(f"{args.kind}: checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'}")
     distributed.shutdown()
+
+
+def _texts_of(records) -> list[str]:
+    """Every string in the records (text, prompts, replies, message contents): what a BPE is trained on."""
+    texts = []
+
+    def walk(x):
+        if isinstance(x, str):
+            texts.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(records)
+    return texts
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- generate, eval
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""``\n``, ``\t`` and ``\\`` typed in a shell argument -> newline, tab and a backslash; the rest as is."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def _generate(args) -> None:
     from .generate import generate_text
 
-    state, meta, model, tok = _load_checkpoint(args.ckpt)
-    texts = generate_text(model, state.params, tok, args.prompt, max_new_tokens=args.max_new_tokens,
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
+    state, meta, model, tok, _ = _load_checkpoint(args.ckpt)
+    prompts = [unescape(p) for p in args.prompt]
+    texts = generate_text(model, state.params, tok, prompts, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for prompt, text in zip(args.prompt, texts):
+    for prompt, text in zip(prompts, texts):
         print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
 
 
@@ -220,23 +562,65 @@ def _eval(args) -> None:
     from .data import Batches, load_dataset
     from .trainers import create_trainer
 
-    state, meta, model, tok = _load_checkpoint(args.ckpt)
-    kind = meta.get("kind", "pretrain")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    state, meta, model, tok, folder = _load_checkpoint(args.ckpt)
+    trained_as = meta.get("kind", "pretrain")
+    kind = args.kind or trained_as
+    settings = {}
+    if kind == trained_as == "dpo":  # score with the loss the checkpoint was trained with
+        tc = meta.get("trainer_config", {})
+        settings = {k: tc[k] for k in ("beta", "loss_type", "label_smoothing", "gamma") if k in tc}
     data = load_dataset(args.data, tok, model.config.max_seq_len, kind=kind)
-    trainer = create_trainer(kind, model)
-    if kind == "dpo" and "ref_params" not in state.extras:
+    trainer = create_trainer(kind, model, **settings)
+    if kind == "dpo":
+        ref = _reference_params(args, meta, state, trained_as, folder)
+        state = trainer.init(state.params)._replace(extras={"ref_params": ref} if ref is not None else {})
+    else:
         state = trainer.init(state.params)
-    print(json.dumps(trainer.evaluate(state, Batches(data, args.batch_size, shuffle=False, epochs=1))))
+    result = trainer.evaluate(state, Batches(data, args.batch_size, shuffle=False, epochs=1))
+    print(json.dumps({"kind": kind, "checkpoint": str(folder), **result}))
 
 
-def main(argv=None) -> None:
-    args = _parser().parse_args(argv)
+def _reference_params(args, meta, state, trained_as, folder):
+    """The DPO reference: --ref, else the checkpoint's own frozen one, else the run's --init checkpoint."""
+    if args.ref:
+        return _load_checkpoint(args.ref, "--ref")[0].params
+    if "ref_params" in state.extras:
+        return state.extras["ref_params"]
+    if trained_as == "dpo" and meta.get("trainer_config", {}).get("loss_type") == "simpo":
+        return None
+    if trained_as == "dpo":
+        init = meta.get("init")
+        if not init or not Path(init).exists():
+            raise UsageError(f"{folder} was trained against precomputed reference log-probs and its reference "
+                             f"checkpoint ({init or 'unknown'}) is not at hand; pass it with --ref CKPT.")
+        return _load_checkpoint(init, "the run's --init")[0].params
+    return state.params  # another stage's checkpoint: scored against itself (policy = reference, all ties)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError):
+        text = f"missing key {text}"
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _run(args) -> None:
     if args.command == "demo":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise SystemExit(
-                "minillm-func demo runs in one process, but it was started as one of "
+            raise UsageError(
+                "demo runs in one process, but it was started as one of "
                 f"{os.environ['WORLD_SIZE']} processes (torchrun). Run `minillm-func demo` without torchrun; "
                 "for data-parallel training use `torchrun --nproc_per_node=N -m minillm_func.cli train ...`.")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be >= 1, got {args.threads}.")
+            import torch
+            torch.set_num_threads(args.threads)
         from .demo import DemoConfig, run_demo
         config = DemoConfig(seed=args.seed)
         if args.quick:  # a couple of percent of the steps and a small held-out set: an installation check
@@ -248,6 +632,28 @@ def main(argv=None) -> None:
         _generate(args)
     else:
         _eval(args)
+
+
+def main(argv=None) -> int:
+    """Run the command; every expected error becomes one line on stderr and exit code 2 (usage) or 1."""
+    args = _parser().parse_args(argv)
+    debug = args.debug or os.environ.get("MINILLM_DEBUG", "") not in ("", "0")
+    try:
+        _run(args)
+    except KeyboardInterrupt:
+        resume = (f"; continue with `{PROG} train {args.kind} --out {args.out} --resume`"
+                  if args.command == "train" else "")
+        print(f"{PROG}: interrupted{resume}.", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        code = 2 if isinstance(e, UsageError) else 1
+        expected = isinstance(e, (ValueError, OSError, RuntimeError, ImportError, MemoryError, KeyError))
+        hint = "" if expected else f" ({type(e).__name__}; run again with --debug for the traceback)"
+        print(f"{PROG}: error: {_one_line(e)}{hint}", file=sys.stderr)
+        return code
+    return 0
 
 
 if __name__ == "__main__":

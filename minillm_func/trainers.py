@@ -10,10 +10,14 @@ each optimizer step, clip_grad_norm_(1.0); SFT uses lr=5e-5; DPO beta=0.1.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
@@ -30,7 +34,7 @@ from .memory import DynamicBatchSizer, MemoryConfig, MemoryMonitor
 from .step import TrainState, init_train_state, make_train_step
 
 __all__ = ["Trainer", "create_trainer", "pretrain_objective", "sft_objective", "dpo_objective",
-           "add_reference_logps", "Head", "logits_head", "chunked_head", "KINDS"]
+           "add_reference_logps", "Head", "logits_head", "chunked_head", "KINDS", "NonFiniteError"]
 
 KINDS = ("pretrain", "sft", "dpo")
 DEFAULT_LR = {"pretrain": 1e-4, "sft": 5e-5, "dpo": 1e-4}
@@ -209,9 +213,9 @@ class Trainer:
                 for k, v in metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * n
         if _distributed():  # every rank evaluated its shard: add up the sums
+            from .distributed import all_reduce_sum
             keys = sorted(totals)
-            packed = torch.tensor([count_sum] + [totals[k] for k in keys], dtype=torch.float64)
-            torch.distributed.all_reduce(packed)
+            packed = all_reduce_sum(torch.tensor([count_sum] + [totals[k] for k in keys], dtype=torch.float64))
             count_sum, totals = float(packed[0]), {k: float(v) for k, v in zip(keys, packed[1:])}
         if not count_sum:
             raise ValueError("evaluate: the batches hold no counted token (or pair); nothing to evaluate.")
@@ -222,41 +226,88 @@ class Trainer:
 
     def fit(self, state: TrainState, batches: Iterable[dict], num_steps: int, *,
             eval_batches: Callable[[], Iterable[dict]] | None = None, eval_every: int = 0,
-            out_dir=None, checkpoint_every: int = 0, log_every: int = 1, progress: bool = True,
-            desc: str | None = None, meta: dict | None = None) -> TrainState:
+            eval_at_start: bool = True, out_dir=None, checkpoint_every: int = 0, keep_last: int | None = 3,
+            log_every: int = 1, max_skipped: int = 100, progress: bool = True, desc: str | None = None,
+            meta: dict | None = None, reraise_interrupt: bool = False) -> TrainState:
         """Train until ``state.step == num_steps`` optimizer updates; the impure shell around ``step``.
 
         Draws a tqdm bar (loss, lr, tokens/s), evaluates every ``eval_every``
-        updates on ``eval_batches()`` (a function returning fresh batches),
-        appends metrics to ``out_dir/metrics.jsonl`` (and TensorBoard when it is
-        installed), writes checkpoints to ``out_dir/checkpoint`` every
-        ``checkpoint_every`` updates and at the end. Ctrl-C stops cleanly: the
-        last state is checkpointed and returned. If ``batches`` has a
-        ``position`` (``Batches``), it is saved so a resumed run sees the same data;
-        ``meta`` adds JSON-serialisable entries (e.g. the tokenizer) to every checkpoint.
+        updates on ``eval_batches()`` (a function returning fresh batches; also
+        before the first update when ``eval_at_start`` and the run starts at
+        step 0), appends metrics to ``out_dir/metrics.jsonl`` (and TensorBoard
+        when it is installed), and writes checkpoints to
+        ``out_dir/checkpoints/step-NNNNNN/`` every ``checkpoint_every`` updates
+        and at the end, keeping the newest ``keep_last`` (``checkpoint.save_step``;
+        ``checkpoint.resolve(out_dir)`` finds the newest complete one).
+
+        Exact resume: a checkpoint always holds the state at an update boundary
+        and, when ``batches`` has a ``position`` (``Batches``), the position of
+        the first batch that state has not seen -- also when Ctrl-C or an error
+        arrives in the middle of a step or of an accumulation window (the
+        window's micro-batches are then replayed on resume). On resume,
+        ``metrics.jsonl`` is cut back to the state's step, so no step is logged twice.
+
+        Ctrl-C stops cleanly: the last state at an update boundary is
+        checkpointed (a second Ctrl-C during that save is deferred until it is
+        written) and returned -- or, with ``reraise_interrupt``, the
+        ``KeyboardInterrupt`` is raised again once the checkpoint is written
+        (so that a script or a shell pipeline stops too). After ``max_skipped`` consecutive micro-steps with
+        non-finite gradients, ``fit`` raises :class:`NonFiniteError`; params that
+        are not finite are never written to a checkpoint. ``meta`` adds
+        JSON-serialisable entries (e.g. the tokenizer) to every checkpoint.
+
+        Logged per update: ``loss``, ``tokens`` (input tokens processed by this
+        process in the update's micro-batches) and ``tokens_per_s``; for
+        pretraining and SFT ``loss_tokens`` (the update's counted targets, the
+        loss's normaliser, summed over micro-batches and processes); for DPO
+        ``pairs`` and ``pairs_per_s``; plus ``grad_norm``, ``lr``, ``scale`` and the loss's own metrics.
         """
         from . import checkpoint
 
+        if not isinstance(num_steps, int) or num_steps < 0:
+            raise ValueError(f"fit: num_steps must be a non-negative int, got {num_steps!r}.")
+        if not isinstance(max_skipped, int) or max_skipped < 1:
+            raise ValueError(f"fit: max_skipped must be a positive int, got {max_skipped!r}.")
         main = not _distributed() or torch.distributed.get_rank() == 0  # only rank 0 logs, draws and saves
         out = Path(out_dir) if out_dir is not None and main else None
         progress = progress and main
-        log = _MetricsLog(out)
         done = int(state.step)  # host sync, once: the shell counts updates in Python from here on
+        log = _MetricsLog(out, keep_until=done)
         bar = tqdm(total=num_steps, initial=done, disable=not progress, desc=desc or self.kind, dynamic_ncols=True)
         say = bar.write if main else (lambda _: None)
         device = next(iter(T.leaves(state.params))).device
         monitor = MemoryMonitor(device, empty_cache_every=self.memory.empty_cache_every) if self.memory.monitor else None
+        count_name = "pairs" if self.kind == "dpo" else "loss_tokens"
+        # The last update boundary: the state after the last completed update and the
+        # data position of the first batch it has not seen. Only this is ever saved.
+        boundary, position = state, _position(batches)
+        saved_step = None
         batch_iter = iter(batches)
-        tokens, t0 = 0.0, time.perf_counter()
+        window = _Window()
+        skipped_in_a_row, last_finite, interrupted = 0, None, False
 
-        def save():
-            if out is not None:
-                record = {"kind": self.kind, "step": done, "model_config": dataclasses.asdict(self.model.config),
-                          "trainer_config": self.config, "data_position": list(getattr(batches, "position", [])),
-                          **(meta or {})}
-                checkpoint.save(out / "checkpoint", state, meta=record)
+        def save(at: TrainState, step: int, pos) -> None:
+            nonlocal saved_step
+            if out is None or saved_step == step:
+                return
+            if not bool(T.all_finite(at.params)):  # host sync, only when saving
+                say(f"{self.kind}: not saving update {step}: its params are not finite.")
+                return
+            record = {"kind": self.kind, "step": step, "model_config": dataclasses.asdict(self.model.config),
+                      "trainer_config": self.config, "data_position": list(pos) if pos is not None else [],
+                      **(meta or {})}
+            with _deferred_interrupt(say):
+                checkpoint.save_step(out, at, step=step, meta=record, keep_last=keep_last)
+            saved_step = step
+
+        def evaluate(step: int) -> None:
+            ev = self.evaluate(boundary, eval_batches())
+            log.write({"split": "eval", "step": step, **ev})
+            say(f"{self.kind} step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
 
         try:
+            if eval_at_start and eval_every and eval_batches is not None and done == 0 and done < num_steps:
+                evaluate(0)
             while done < num_steps:
                 try:
                     batch = next(batch_iter)
@@ -264,20 +315,29 @@ class Trainer:
                     say(f"{self.kind}: the data ran out after {done} of {num_steps} updates.")
                     break
                 state, metrics = self.run_step(state, batch)
-                record = {k: float(v) for k, v in metrics.items()}  # host sync: the shell logs every micro-step
-                tokens += record["tokens"]
+                record = {k: float(v) for k, v in metrics.items()}  # host sync: the shell reads every micro-step
+                if record["skipped"]:
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= max_skipped:
+                        raise NonFiniteError(_diverged_message(self.kind, skipped_in_a_row, last_finite, done,
+                                                               self.config))
+                    if not record["updated"]:
+                        say(f"{self.kind}: non-finite gradient at update {done}; micro-step skipped "
+                            f"(scale now {record['scale']:g}).")
+                    continue
+                skipped_in_a_row = 0
+                if math.isfinite(record["loss"]):
+                    last_finite = (record["loss"], done + 1)
+                window.add(record, _input_tokens(batch))
                 if not record["updated"]:
-                    if record["skipped"]:
-                        say(f"{self.kind}: non-finite gradient at update {done}; step skipped "
-                                  f"(scale now {record['scale']:g}).")
                     continue
                 done += 1
-                elapsed = time.perf_counter() - t0
-                record.update(step=done, tokens_per_s=tokens / max(elapsed, 1e-9))
+                boundary, position = state, _position(batches)
+                record.update(window.close(count_name))
+                record["step"] = done
                 if monitor is not None and done % self.memory.monitor_every == 0:
                     record.update(monitor.read())
                     monitor.maybe_empty_cache(done)
-                tokens, t0 = 0.0, time.perf_counter()
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                 **({"mem_mb": f"{record['mem/rss']:.0f}"} if "mem/rss" in record else {}),
@@ -285,33 +345,125 @@ class Trainer:
                 if log_every and done % log_every == 0:
                     log.write({"split": "train", **record})
                 if eval_every and eval_batches is not None and done % eval_every == 0:
-                    ev = self.evaluate(state, eval_batches())
-                    log.write({"split": "eval", "step": done, **ev})
-                    say(f"{self.kind} step {done}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                    evaluate(done)
                 if checkpoint_every and done % checkpoint_every == 0:
-                    save()
+                    save(boundary, done, position)
         except KeyboardInterrupt:
-            say(f"{self.kind}: interrupted at update {done}; writing a final checkpoint.")
+            say(f"{self.kind}: interrupted after update {done}; writing a final checkpoint.")
+            interrupted = True
+        except NonFiniteError:
+            save(boundary, done, position)  # the last boundary, if its params are finite
+            raise
         finally:
             bar.close()
             log.close()
-        save()
-        return state
+        save(boundary, done, position)
+        if interrupted and reraise_interrupt:
+            raise KeyboardInterrupt
+        return boundary
 
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-class _MetricsLog:
-    """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard when it is installed."""
+class NonFiniteError(RuntimeError):
+    """Training stopped: too many consecutive updates had non-finite gradients."""
 
-    def __init__(self, out: Path | None):
+
+def _diverged_message(kind: str, skipped: int, last_finite, done: int, config: dict) -> str:
+    last = (f"the last finite loss was {last_finite[0]:.4g} at update {last_finite[1]}" if last_finite
+            else "no finite loss was seen")
+    return (f"{kind}: {skipped} consecutive micro-steps had non-finite gradients after update {done} ({last}); "
+            f"stopped, and nothing non-finite was saved. Likely causes: a learning rate too high "
+            f"(it is {config.get('learning_rate')}), or float16 overflow (precision {config.get('precision')}): "
+            "lower the learning rate, or train in bf16/fp32.")
+
+
+def _position(batches):
+    """The position of the next batch ``batches`` will yield (``Batches.position``), or None."""
+    position = getattr(batches, "position", None)
+    return tuple(position) if position is not None else None
+
+
+def _input_tokens(batch: dict) -> float:
+    """Tokens the forward pass processes (padding excluded when the batch has an attention mask)."""
+    total = 0.0
+    for key, value in batch.items():
+        if key.endswith("input_ids"):
+            mask = batch.get(key[: -len("input_ids")] + "attention_mask")
+            total += float(mask.sum()) if mask is not None else float(value.numel())
+    return total
+
+
+# Metrics that describe the update, not the micro-batch: the window keeps the last value.
+_UPDATE_METRICS = ("lr", "scale", "grad_norm", "skipped", "updated")
+
+
+class _Window:
+    """The micro-steps of one update: count-weighted means of their metrics, tokens and time."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = self.tokens = 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, record: dict, tokens: float) -> None:
+        n = record.pop("tokens")  # the loss's normaliser of this micro-batch (tokens, or pairs for DPO)
+        self.count += n
+        self.tokens += tokens
+        for k, v in record.items():
+            if k not in _UPDATE_METRICS:
+                self.sums[k] = self.sums.get(k, 0.0) + v * n
+
+    def close(self, count_name: str) -> dict:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        out = {k: v / max(self.count, 1.0) for k, v in self.sums.items()}
+        out.update({"tokens": self.tokens, "tokens_per_s": self.tokens / elapsed, count_name: self.count})
+        if count_name == "pairs":
+            out["pairs_per_s"] = self.count / elapsed
+        self.__init__()
+        return out
+
+
+@contextlib.contextmanager
+def _deferred_interrupt(say):
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+
+    def hold(signum, frame):
+        caught.append(signum)
+        say("saving the checkpoint; Ctrl-C will take effect once it is written.")
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+class _MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard when it is installed.
+
+    ``keep_until``: the step of the state being trained; records of later steps (left by a
+    run that was killed after its last checkpoint) and a torn last line are dropped first,
+    so a resumed run logs every step once.
+    """
+
+    def __init__(self, out: Path | None, keep_until: int = 0):
         self.file = self.tb = None
         if out is None:
             return
         out.mkdir(parents=True, exist_ok=True)
-        self.file = open(out / "metrics.jsonl", "a")
+        path = out / "metrics.jsonl"
+        if path.exists():
+            _truncate_log(path, keep_until)
+        self.file = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out / "tensorboard"))
@@ -331,6 +483,22 @@ class _MetricsLog:
         for f in (self.file, self.tb):
             if f is not None:
                 f.close()
+
+
+def _truncate_log(path: Path, keep_until: int) -> None:
+    """Rewrite ``path`` (atomically) without the records past step ``keep_until`` and without torn lines."""
+    kept, changed = [], False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            keep = int(json.loads(line).get("step", 0)) <= keep_until
+        except (ValueError, AttributeError, TypeError):
+            keep = False
+        kept += [line] if keep else []
+        changed |= not keep
+    if changed:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the factory

@@ -1,4 +1,5 @@
 """The impure shell: fit, checkpoints, resume, Ctrl-C, the CLI and the examples."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,6 +20,14 @@ def data():
     return mf.LanguageModelingDataset(mf.demo_corpus(0, n_pretrain=40).pretrain, tok, 32, pack=True)
 
 
+def interrupted_at(index: int):
+    """Batches of ``data()`` until Ctrl-C arrives while batch ``index`` is being fetched."""
+    for i, batch in enumerate(mf.Batches(data(), 4, seed=0)):
+        if i == index:
+            raise KeyboardInterrupt
+        yield batch
+
+
 def test_resume_gives_bit_identical_params(tmp_path):
     model = mf.build_model(CFG)
     trainer = mf.create_trainer("pretrain", model, learning_rate=1e-3, accumulation_steps=2)
@@ -27,7 +36,7 @@ def test_resume_gives_bit_identical_params(tmp_path):
 
     first = mf.Batches(data(), 4, seed=3)
     trainer.fit(trainer.init(params), first, 5, out_dir=tmp_path, progress=False)
-    state, meta = checkpoint.load(tmp_path / "checkpoint", like=trainer.init(params))
+    state, meta = checkpoint.load(checkpoint.resolve(tmp_path), like=trainer.init(params))
     assert meta["step"] == 5 and state.step.item() == 5
     resumed_batches = mf.Batches(data(), 4, seed=3, position=tuple(meta["data_position"]))
     resumed = trainer.fit(state, resumed_batches, 8, out_dir=tmp_path, progress=False)
@@ -40,17 +49,9 @@ def test_resume_gives_bit_identical_params(tmp_path):
 def test_ctrl_c_stops_cleanly_and_writes_a_final_checkpoint(tmp_path):
     model = mf.build_model(CFG)
     trainer = mf.create_trainer("pretrain", model)
-    batches = iter(mf.Batches(data(), 4, seed=0))
-
-    def interrupted():
-        for i, b in enumerate(batches):
-            if i == 3:
-                raise KeyboardInterrupt
-            yield b
-
-    state = trainer.fit(trainer.init(model.init(0)), interrupted(), 100, out_dir=tmp_path, progress=False)
+    state = trainer.fit(trainer.init(model.init(0)), interrupted_at(3), 100, out_dir=tmp_path, progress=False)
     assert state.step.item() == 3
-    saved, meta = checkpoint.load(tmp_path / "checkpoint")
+    saved, meta = checkpoint.load(checkpoint.resolve(tmp_path))
     assert meta["step"] == 3 and torch.equal(saved.params["tok_emb.weight"], state.params["tok_emb.weight"])
 
 
@@ -61,7 +62,7 @@ def test_a_checkpoint_for_another_model_is_refused(tmp_path):
     other = mf.build_model(mf.ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=1, n_heads=4, max_seq_len=32))
     other_trainer = mf.create_trainer("pretrain", other)
     with pytest.raises(checkpoint.CheckpointError):
-        checkpoint.load(tmp_path / "checkpoint", like=other_trainer.init(other.init(0)))
+        checkpoint.load(checkpoint.resolve(tmp_path), like=other_trainer.init(other.init(0)))
 
 
 def run_cli(*args, cwd):
@@ -81,14 +82,14 @@ def test_cli_trains_resumes_generates_and_evaluates(tmp_path):
     r = run_cli("train", "pretrain", "--data", "pre.txt", "--out", "pre", "--steps", "5", "--resume", *common,
                 cwd=tmp_path)
     assert r.returncode == 0 and "resuming pretrain at update 3" in r.stdout, r.stderr
-    r = run_cli("train", "sft", "--data", "sft.jsonl", "--out", "sft", "--init", "pre/checkpoint", "--steps", "2",
+    r = run_cli("train", "sft", "--data", "sft.jsonl", "--out", "sft", "--init", "pre", "--steps", "2",
                 *common, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = run_cli("generate", "--ckpt", "sft/checkpoint", "--prompt", "Q: reverse abc\nA: ", "--max-new-tokens", "5",
+    r = run_cli("generate", "--ckpt", "sft", "--prompt", "Q: reverse abc\nA: ", "--max-new-tokens", "5",
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[0])["prompt"] == "Q: reverse abc\nA: "
-    r = run_cli("eval", "--ckpt", "sft/checkpoint", "--data", "sft.jsonl", cwd=tmp_path)
+    r = run_cli("eval", "--ckpt", "sft", "--data", "sft.jsonl", cwd=tmp_path)
     assert r.returncode == 0 and "loss" in json.loads(r.stdout), r.stderr
     r = run_cli("train", "dpo", "--data", "sft.jsonl", "--out", "x", *common, cwd=tmp_path)
     assert r.returncode != 0 and "dpo training needs" in r.stderr
@@ -101,5 +102,77 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert set(summary["stages"]) == {"pretrain", "sft", "dpo"}
     for stage in ("pretrain", "sft", "dpo"):
         assert (tmp_path / "run" / stage / "metrics.jsonl").exists()
-        checkpoint.load(tmp_path / "run" / stage / "checkpoint")
+        checkpoint.load(checkpoint.resolve(tmp_path / "run" / stage))
     assert "held-out exact match" in r.stdout
+
+
+def test_ctrl_c_inside_an_accumulation_window_saves_the_last_update_boundary(tmp_path):
+    """The checkpoint holds the state after the last whole update and the position of the first
+    micro-batch that state has not seen; resuming from it replays the cut window exactly."""
+    model = mf.build_model(CFG)
+    trainer = mf.create_trainer("pretrain", model, learning_rate=1e-3, accumulation_steps=2)
+    params = model.init(0)
+    straight = trainer.fit(trainer.init(params), mf.Batches(data(), 4, seed=3), 4, progress=False)
+
+    step, calls = trainer.step, []
+
+    def interrupted_step(state, batch):  # Ctrl-C arrives inside the 6th micro-step (update 3's second half)
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return step(state, batch)
+
+    cut = dataclasses.replace(trainer, step=interrupted_step)
+    returned = cut.fit(cut.init(params), mf.Batches(data(), 4, seed=3), 4, out_dir=tmp_path, progress=False)
+    saved, meta = checkpoint.load(checkpoint.resolve(tmp_path), like=trainer.init(params))
+    assert meta["step"] == 2 and meta["data_position"] == [0, 4]
+    assert int(returned.step) == 2 and int(saved.accum.micro_step) == 0
+    resumed = trainer.fit(saved, mf.Batches(data(), 4, seed=3, position=tuple(meta["data_position"])), 4,
+                          out_dir=tmp_path, progress=False)
+    for k in params:
+        assert torch.equal(resumed.params[k], straight.params[k]), k
+
+
+@pytest.mark.parametrize("lr", [float("nan"), 1e38])
+def test_fit_stops_after_max_skipped_non_finite_steps_and_saves_nothing_non_finite(tmp_path, lr):
+    model = mf.build_model(CFG)
+    trainer = mf.create_trainer("pretrain", model, learning_rate=lr)
+    with pytest.raises(mf.trainers.NonFiniteError, match="5 consecutive micro-steps had non-finite") as e:
+        trainer.fit(trainer.init(model.init(0)), mf.Batches(data(), 4), 10_000, out_dir=tmp_path,
+                    checkpoint_every=1, max_skipped=5, progress=False)
+    assert "last finite loss was" in str(e.value) and "learning rate" in str(e.value)
+    for folder in checkpoint.history(tmp_path):
+        state, _ = checkpoint.load(folder)
+        assert all(torch.isfinite(v).all() for v in state.params.values())
+
+
+def test_resuming_cuts_the_metrics_log_back_to_the_state_step(tmp_path):
+    model = mf.build_model(CFG)
+    trainer = mf.create_trainer("pretrain", model)
+    state = trainer.fit(trainer.init(model.init(0)), mf.Batches(data(), 4), 3, out_dir=tmp_path, progress=False)
+    log = tmp_path / "metrics.jsonl"
+    # a run killed after its checkpoint at 3 logged steps 4 and 5, and was cut mid-line
+    log.write_text(log.read_text() + json.dumps({"split": "train", "step": 4}) + "\n"
+                   + json.dumps({"split": "eval", "step": 5}) + "\n" + '{"split": "tr')
+    trainer.fit(state, mf.Batches(data(), 4, position=(0, 3)), 5, out_dir=tmp_path, progress=False)
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all("loss" in r for r in rows)
+
+
+def test_a_second_ctrl_c_during_the_final_save_waits_for_the_checkpoint(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    model = mf.build_model(CFG)
+    trainer = mf.create_trainer("pretrain", model)
+    real_save_step = checkpoint.save_step
+
+    def save_step_hit_by_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again while the checkpoint is written
+        return real_save_step(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_step", save_step_hit_by_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(trainer.init(model.init(0)), interrupted_at(3), 100, out_dir=tmp_path, progress=False)
+    saved, meta = checkpoint.load(checkpoint.resolve(tmp_path))
+    assert meta["step"] == 3 and int(saved.step) == 3

@@ -53,6 +53,11 @@ class BPETokenizer:
     def __init__(self, backend):
         self._tok = backend
         self.pad_id, self.bos_id, self.eos_id = (backend.token_to_id(s) for s in SPECIALS)
+        missing = [s for s, i in zip(SPECIALS, (self.pad_id, self.bos_id, self.eos_id)) if i is None]
+        if missing:
+            raise ValueError(
+                f"BPETokenizer: the tokenizer has no {', '.join(missing)} token; this tokenizer class needs "
+                f"{', '.join(SPECIALS)} (train one with BPETokenizer.train, or --tokenizer bpe:VOCAB).")
         self.vocab_size = backend.get_vocab_size()
 
     @staticmethod
