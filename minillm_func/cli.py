@@ -651,7 +651,9 @@ def main(argv=None) -> int:
         code = 2 if isinstance(e, UsageError) else 1
         expected = isinstance(e, (ValueError, OSError, RuntimeError, ImportError, MemoryError, KeyError))
         hint = "" if expected else f" ({type(e).__name__}; run again with --debug for the traceback)"
-        print(f"{PROG}: error: {_one_line(e)}{hint}", file=sys.stderr)
+        world = os.environ.get("WORLD_SIZE", "1")
+        who = f" (rank {os.environ.get('RANK', '?')} of {world})" if world not in ("", "1") else ""
+        print(f"{PROG}: error{who}: {_one_line(e)}{hint}", file=sys.stderr)
         return code
     return 0
 

@@ -36,11 +36,21 @@ summed gradient of its own shard only, and AdamW (``minillm_func.optim``,
 elementwise) updates only that shard. See ``docs/distributed.md`` for what is
 and is not sharded and why this path uses ``torch.autograd.grad``, not
 ``torch.func``.
+
+Failures: every collective here raises :class:`DistributedError` when a peer
+dies (at once: its sockets close) or stops answering (after the process group's
+timeout, ``init_from_env(timeout_s=...)``, plus well under a second). On CPU
+(gloo) the collectives this module launches itself -- the gradient sync, the
+sharded step's count sync, :func:`all_reduce_sum`, :func:`barrier` -- wait with
+``Work.wait(timeout=...)``, so the bound is that timeout for the whole call;
+the collectives DTensor issues (all-gather, reduce-scatter) are bounded by
+gloo's own per-operation timeout, which is the same number.
 """
 from __future__ import annotations
 
 import datetime
 import os
+import time
 from typing import Callable
 
 import torch
@@ -50,11 +60,12 @@ from . import tree as T
 
 __all__ = [
     "DistributedError", "init_from_env", "rank", "world_size", "is_main", "barrier", "shutdown",
-    "make_grad_sync", "sharded_batches", "device_mesh", "shard_state", "unshard_state", "gather_params",
-    "make_sharded_step", "save_checkpoint",
+    "all_reduce_sum", "make_grad_sync", "sharded_batches", "device_mesh", "shard_state", "unshard_state",
+    "gather_params", "make_sharded_step", "save_checkpoint",
 ]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_TIMEOUT_S: float | None = None  # init_from_env's timeout_s, for groups whose own timeout cannot be read
 
 
 class DistributedError(RuntimeError):
@@ -76,12 +87,21 @@ def init_from_env(backend: str | None = None, timeout_s: float = 60) -> bool:
     ``"nccl"`` when CUDA is available (each process then uses GPU ``LOCAL_RANK``),
     else ``"gloo"``.
 
-    ``timeout_s`` bounds every collective: when a peer crashes, the others fail
-    at once (its sockets close); when a peer is alive but stops answering (a hang,
-    a deadlock), they fail after ``timeout_s`` seconds with a
-    :class:`DistributedError` (or torch's timeout error) instead of waiting forever.
-    On NCCL the bound is enforced by torch's watchdog, which aborts the process.
+    ``timeout_s`` bounds every collective (the CLI's ``--dist-timeout``): when a
+    peer crashes, the others fail at once (its sockets close); when a peer is
+    alive but stops answering (a hang, a deadlock, a SIGSTOP), they fail after
+    ``timeout_s`` seconds (measured: ``timeout_s`` + under 0.1 s on gloo). Either way
+    the error is a :class:`DistributedError` naming the rank, the collective and
+    the timeout, instead of a wait forever. On gloo the collectives of this module
+    wait with ``Work.wait(timeout=timeout_s)`` and gloo's own per-operation timeout
+    is the same number; on NCCL the bound is enforced by torch's watchdog, which
+    aborts the process. Set it above the longest time one rank may legitimately
+    spend between two collectives while the others wait (an evaluation or a
+    checkpoint that only some ranks do, a slow first step).
     """
+    global _TIMEOUT_S
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ValueError(f"init_from_env: timeout_s must be a positive number of seconds, got {timeout_s!r}.")
     if _initialized():
         return True
     n = int(os.environ.get("WORLD_SIZE", "1"))
@@ -97,6 +117,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 60) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
+    _TIMEOUT_S = float(timeout_s)
     return True
 
 
@@ -115,10 +136,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
-    """Wait until every rank gets here (no-op in a single process)."""
+def barrier(group=None) -> None:
+    """Wait until every rank (of ``group``, default: all) gets here (no-op in a single process).
+
+    Raises :class:`DistributedError` when a peer crashed or did not arrive within the timeout.
+    """
     if _initialized():
-        _guard(dist.barrier, "barrier")
+        _collective(lambda: [dist.barrier(group=group, async_op=True)], "barrier", group=group,
+                    timed="nccl" not in _backend(group))
 
 
 def shutdown() -> None:
@@ -127,26 +152,171 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """``tensor`` summed over the ranks of ``group`` (default: all), as a new tensor.
+
+    ``tensor`` itself is not modified; in a single process (no process group) the
+    result is a copy of it. Every rank must call this with a tensor of the same
+    shape and dtype. Like the gradient sync, it raises :class:`DistributedError`
+    when a peer crashed or stopped answering for the timeout. For summing a few
+    host-side statistics over ranks, e.g. an evaluation's loss sums and counts::
+
+        sums = all_reduce_sum(torch.tensor([count, loss_sum], dtype=torch.float64))
+    """
+    out = tensor.detach().clone(memory_format=torch.contiguous_format)
+    if _initialized():
+        _collective(lambda: [dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group, async_op=True)],
+                    "all_reduce_sum", group=group, timed=out.device.type == "cpu")
+    return out
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class _Expired(Exception):
+    """Our own ``Work.wait`` deadline passed."""
+
+
+# What the backends say, verbatim (torch 2.13's bundled gloo; NCCL's watchdog). gloo's
+# "Application timeout caused pair closure" carries neither "gloo" nor "Timed out": it is what every
+# *other* pending operation of the group reports once one of them has timed out and closed the pairs.
+_TIMEOUT_TEXT = ("Timed out", "timed out", "Application timeout caused pair closure",
+                 "Watchdog caught collective operation timeout")
+_GONE_TEXT = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+_COMM_TEXT = _TIMEOUT_TEXT + _GONE_TEXT + ("gloo", "Gloo", "NCCL")
+
+
 def _is_comm_error(e: BaseException) -> bool:
     text = str(e)
-    return isinstance(e, dist.DistError) or any(
-        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out"))
+    return isinstance(e, dist.DistError) or any(s in text for s in _COMM_TEXT)
 
 
-def _fail(what: str, e: BaseException) -> DistributedError:
+def _backend(group=None) -> str:
+    try:
+        return str(dist.get_backend(group))
+    except Exception:  # noqa: BLE001 -- a group of another kind; assume it can be waited on with a timeout
+        return "gloo"
+
+
+def _group_timeout_s(group=None) -> float:
+    """The timeout of ``group`` (the default group's when None) in seconds: what gloo's operations use."""
+    pg = group if group is not None else dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:
+            return pg._get_backend(torch.device(device)).options._timeout.total_seconds()
+        except Exception:  # noqa: BLE001 -- private API: no backend for this device, or its shape changed
+            continue
+    return _TIMEOUT_S if _TIMEOUT_S is not None else dist.default_pg_timeout.total_seconds()
+
+
+def _fail(what: str, e: BaseException, *, timeout_s: float | None = None, elapsed: float | None = None,
+          timed_out: bool = False) -> DistributedError:
+    """The error that teaches: which rank, which collective, which timeout, what happened, what to do."""
+    if timeout_s is None:
+        timeout_s = _group_timeout_s() if _initialized() else (_TIMEOUT_S or 60.0)
+    text = str(e).strip() or type(e).__name__
+    said = ("Backend said: nothing yet (this rank's own wait, Work.wait(timeout), expired first)."
+            if isinstance(e, _Expired) else f"Backend said: {text}")
+    after = f" after {elapsed:.1f} s" if elapsed is not None else ""
+    raise_it = ("If the steps are legitimately that slow (an evaluation or a checkpoint that only some ranks "
+                "do, a slow first step), raise the timeout: --dist-timeout SECONDS on the command line, "
+                "init_from_env(timeout_s=...) in a script.")
+    if timed_out or isinstance(e, _Expired) or any(s in text for s in _TIMEOUT_TEXT):
+        cause = (f"a peer stopped answering for {timeout_s:g} s (the process group's timeout): it hangs, "
+                 "deadlocks, is stopped, or is still busy elsewhere.")
+        advice = raise_it
+    elif any(s in text for s in _GONE_TEXT):
+        cause = ("a peer process closed its connection: it crashed, was killed (out of memory?) or gave up on "
+                 f"its own timeout ({timeout_s:g} s).")
+        advice = ""
+    else:
+        cause = f"a peer process crashed or stopped answering within the timeout ({timeout_s:g} s)."
+        advice = raise_it
     return DistributedError(
-        f"{what} failed on rank {rank()} of {world_size()}: a peer process crashed or stopped answering "
-        "within the process group's timeout (init_from_env(timeout_s=...)). The first error in the other "
-        f"ranks' output is the cause; this rank stops here. Backend said: {str(e).strip()}")
+        f"{what} failed on rank {rank()} of {world_size()}{after}: {cause} Check the other ranks' output "
+        f"for the first error; this rank stops here. {advice}{' ' if advice else ''}{said}")
 
 
 def _guard(fn: Callable, what: str, *args, **kwargs):
+    """Run ``fn``, turning a backend's communication error into a :class:`DistributedError`.
+
+    For collectives issued inside ``fn`` (by DTensor) whose waits we do not own: gloo's own
+    per-operation timeout (the group's) bounds them.
+    """
     try:
         return fn(*args, **kwargs)
+    except DistributedError:
+        raise
     except RuntimeError as e:
         if _is_comm_error(e):
             raise _fail(what, e) from e
         raise
+
+
+_DRAIN_S = 2.0  # after a failure: how long to let the group's other operations end (see _collective)
+
+
+def _collective(launch: Callable[[], list], what: str, *, group=None, timed: bool = True) -> None:
+    """Start collectives (``launch`` issues them with ``async_op=True`` and returns the works) and wait
+    for all of them; ``timed``: at most the group's timeout for the whole call.
+
+    Why a deadline of our own when gloo has one: gloo's timeout is per send or receive inside an
+    operation, an operation queued behind another starts its clock late, and the failure often
+    surfaces in another operation as "Application timeout caused pair closure". ``Work.wait(timeout=)``
+    bounds what the caller waits, whatever the backend does. It is not used on NCCL (``timed=False``):
+    there it would block the host until the GPU finishes; NCCL's watchdog enforces the timeout.
+
+    ``Work.wait(timeout=)`` does not cancel the operation, and a process that exits while gloo's
+    worker thread still runs one dies with "terminate called without an active exception" (SIGABRT).
+    So after a failure we give the launched operations up to ``_DRAIN_S`` to end: gloo's own timeout
+    is the same number and ends them a few milliseconds later, with its own message, which we report.
+    """
+    timeout_s = _group_timeout_s(group)
+    t0 = time.monotonic()
+    works: list = []
+    expired = False
+    try:
+        works = launch()
+        for w in works:
+            if not timed:
+                w.wait()
+                continue
+            left = timeout_s - (time.monotonic() - t0)
+            # timedelta(0) would mean "no timeout": from 1 ms, a work already done returns at once
+            try:
+                done = w.wait(timeout=datetime.timedelta(seconds=max(left, 1e-3)))
+            except RuntimeError as e:  # torch 2.13 gloo: RuntimeError("Operation timed out!")
+                if not w.is_completed() and "Operation timed out" in str(e):
+                    expired = True
+                    break
+                raise
+            if done is False and not w.is_completed():  # other backends may report it this way
+                expired = True
+                break
+    except DistributedError:
+        raise
+    except RuntimeError as e:
+        if not _is_comm_error(e):
+            raise
+        if timed:
+            _drain(works)
+        raise _fail(what, e, timeout_s=timeout_s, elapsed=time.monotonic() - t0) from e
+    if expired:  # outside the except blocks: the traceback shows the backend's error, if any, and ours
+        cause = _drain(works)
+        raise _fail(what, cause if cause is not None else _Expired(), timeout_s=timeout_s,
+                    elapsed=time.monotonic() - t0, timed_out=True) from cause
+
+
+def _drain(works: list) -> BaseException | None:
+    """Wait up to ``_DRAIN_S`` in all for ``works`` to end; the first backend error among them, if any."""
+    first, t0 = None, time.monotonic()
+    for w in works:
+        try:
+            w.wait(timeout=datetime.timedelta(seconds=max(_DRAIN_S - (time.monotonic() - t0), 1e-3)))
+        except RuntimeError as e:
+            if first is None and "Operation timed out" not in str(e):
+                first = e
+    return first
 
 
 def _require_group(who: str) -> None:
@@ -216,12 +386,9 @@ def make_grad_sync(group=None, bucket_bytes: int = 25 * 2**20) -> Callable:
         else:
             buffers[host] = torch.cat([buffers[host], scalars])
 
-        def reduce_all():
-            works = [dist.all_reduce(b, op=dist.ReduceOp.SUM, group=group, async_op=True) for b in buffers]
-            for w in works:
-                w.wait()
-
-        _guard(reduce_all, "make_grad_sync: all_reduce of the gradients")
+        _collective(lambda: [dist.all_reduce(b, op=dist.ReduceOp.SUM, group=group, async_op=True)
+                             for b in buffers],
+                    "make_grad_sync: all_reduce of the gradients", group=group, timed=device.type == "cpu")
         out: list = [None] * len(leaves)
         for idx, buf in zip(plan, buffers):
             for i, piece in zip(idx, buf[: sum(leaves[i].numel() for i in idx)].split(
@@ -279,7 +446,7 @@ def shard_state(tree, mesh=None):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = device_mesh() if mesh is None else mesh
-    return T.tree_map(lambda x: distribute_tensor(x, mesh, [Shard(0)])
+    return T.tree_map(lambda x: _guard(distribute_tensor, "shard_state: scatter", x, mesh, [Shard(0)])
                       if isinstance(x, torch.Tensor) and not _is_dtensor(x) and x.dim() > 0 else x, tree)
 
 
@@ -288,7 +455,11 @@ def unshard_state(tree):
 
     A collective: every rank must call it, with the same tree.
     """
-    return T.tree_map(lambda x: _guard(x.full_tensor, "unshard_state: all_gather") if _is_dtensor(x) else x, tree)
+    return _unshard(tree, "unshard_state: all_gather")
+
+
+def _unshard(tree, what: str):
+    return T.tree_map(lambda x: _guard(x.full_tensor, what) if _is_dtensor(x) else x, tree)
 
 
 def gather_params(loss_fn: Callable) -> Callable:
@@ -321,7 +492,8 @@ def _make_count_sync(group=None) -> Callable:
     def sync(grads, count, loss_sum):
         buf = torch.stack([torch.as_tensor(count).to(torch.float64),
                            torch.as_tensor(loss_sum).detach().to(torch.float64)])
-        _guard(dist.all_reduce, "sharded step: all_reduce of the token count", buf, op=dist.ReduceOp.SUM, group=group)
+        _collective(lambda: [dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True)],
+                    "make_sharded_step: all_reduce of the token count", group=group, timed=buf.device.type == "cpu")
         return grads, buf[0].to(torch.as_tensor(count).dtype), buf[1].to(torch.as_tensor(loss_sum).dtype)
 
     return sync
@@ -365,12 +537,8 @@ def make_sharded_step(trainer, *, group=None) -> Callable:
                             grad_path="autograd", sync=_make_count_sync(group))
 
     def step(state, batch):
-        try:
-            new_state, metrics = inner(state, batch)
-        except RuntimeError as e:
-            if _is_comm_error(e):
-                raise _fail("make_sharded_step: a collective", e) from e
-            raise
+        # the all-gathers and reduce-scatters are DTensor's: gloo's per-operation timeout bounds them
+        new_state, metrics = _guard(inner, "make_sharded_step: an all-gather or reduce-scatter", state, batch)
         return _localise(new_state), _localise(metrics)
 
     return step
@@ -381,10 +549,14 @@ def save_checkpoint(path, state, *, meta: dict | None = None) -> None:
 
     The checkpoint is the same as one process writes, so it resumes with any
     number of processes: ``checkpoint.load`` on every rank, then :func:`shard_state`.
+    The other ranks wait for rank 0's write in a barrier bounded by the process
+    group's timeout: a write that takes longer fails them with :class:`DistributedError`.
     """
     from . import checkpoint
 
-    full = unshard_state(state)
+    full = _unshard(state, "save_checkpoint: all_gather of the state")
     if is_main():
         checkpoint.save(path, full, meta=meta)
-    barrier()
+    if _initialized():  # everyone waits until rank 0 has written
+        _collective(lambda: [dist.barrier(async_op=True)], "save_checkpoint: barrier after rank 0 wrote",
+                    timed="nccl" not in _backend())

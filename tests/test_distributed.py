@@ -6,13 +6,16 @@ so ``init_from_env`` is exercised too. One group of two processes does every
 multi-process training run at once (``_ranks_main``) and writes its results as
 safetensors / JSON into a temporary folder; the tests compare them with
 single-process runs computed here; it ends with the failure cases (rank 1 goes
-silent on a short-timeout group, then crashes). Params are float64, so "equal"
+silent on a short-timeout group, then crashes). A second group of two, started
+by its own test, has rank 1 freeze (SIGSTOP) in the middle of a gradient sync.
+Params are float64, so "equal"
 means equal to float64 round-off: the ranks add their gradient sums in another
 order than one process summing over the whole batch does.
 """
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +39,7 @@ CFG = mf.ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=4, m
 GLOBAL_BATCH, ACCUM, STEPS = 4, 2, 5  # 5 updates of 2 micro-batches of 4 sequences (2 per rank)
 HALF, FULL = 3, 6  # checkpoint runs: stop after HALF updates, resume to FULL
 TOL = dict(rtol=1e-10, atol=1e-12)
+HANG_TIMEOUT, HANG_SLACK = 5, 2.0  # the SIGSTOP group's timeout_s, and what the test allows above it
 
 
 # --------------------------------------------------------------------------- shared set-up (parent and ranks)
@@ -105,6 +109,10 @@ def _ranks_main(out: Path):
         "dtypes": [str(g["a"].dtype), str(g["b"].dtype), str(g["c"][0].dtype), str(g["c"][1].dtype)],
         "inputs_untouched": all(torch.equal(before[k], tree[k]) for k in before),
     }
+    x = torch.tensor([1.0 + r, 10.0 * r, 0.5], dtype=torch.float64)
+    x_before = x.clone()
+    y = D.all_reduce_sum(x)
+    report["all_reduce_sum"] = {"sum": y.tolist(), "dtype": str(y.dtype), "input_untouched": torch.equal(x, x_before)}
 
     # 2. data-parallel pretrain and DPO through Trainer.fit, with accumulation.
     for kind in ("pretrain", "dpo"):
@@ -154,10 +162,10 @@ def _ranks_main(out: Path):
     # 4. checkpoints: 2 processes write (rank 0 only), then resume with 2; resume a 1-process checkpoint with 2.
     trainer = make_trainer("pretrain", D.make_grad_sync())
     fit(trainer, "pretrain", trainer.init(params0()), HALF, rank=r, world_size=n, out_dir=out / "run2")
-    D.barrier()  # rank 0 has written run2/checkpoint
+    D.barrier()  # rank 0 has written run2/checkpoints/step-...
     report["run2_files_by_rank0_only"] = sorted(x.name for x in (out / "run2").iterdir())
-    for name, source in (("resumed2", out / "run2" / "checkpoint"), ("from1", out / "run1" / "checkpoint")):
-        state, meta = checkpoint.load(source, like=trainer.init(params0()))
+    for name, run in (("resumed2", out / "run2"), ("from1", out / "run1")):
+        state, meta = checkpoint.load(checkpoint.resolve(run), like=trainer.init(params0()))
         state = fit(trainer, "pretrain", state, FULL, rank=r, world_size=n, position=tuple(meta["data_position"]))
         save_params(out / f"{name}_rank{r}.safetensors", state.params)
     state = fit(trainer, "pretrain", trainer.init(params0()), FULL, rank=r, world_size=n)
@@ -201,6 +209,37 @@ def _failing_fit(out: Path, how: str, r: int, group=None):
             {"type": type(e).__name__, "error": str(e), "seconds": time.perf_counter() - t0}))
 
 
+def _sigstop_main(out: Path):
+    """Rank 1 freezes (SIGSTOP to itself) inside its third gradient sync, right after launching the
+    first bucket's all_reduce: alive, sockets open, silent -- a hung peer. Rank 0 must raise a
+    DistributedError within the ``HANG_TIMEOUT`` s of ``init_from_env``; it records when, and exits."""
+    D.init_from_env(timeout_s=HANG_TIMEOUT)
+    r = D.rank()
+    inner = D.make_grad_sync(bucket_bytes=16 * 1024)  # several buckets: some are in flight when rank 1 stops
+    real_all_reduce = torch.distributed.all_reduce
+    calls = []
+
+    def all_reduce_then_stop(*args, **kwargs):
+        work = real_all_reduce(*args, **kwargs)  # the first bucket is on its way...
+        (out / "stopped_at").write_text(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGSTOP)  # ...and this process freezes until the test kills it
+        return work
+
+    def sync(grads, count, loss_sum):
+        calls.append(1)
+        if r == 1 and len(calls) == 3:
+            torch.distributed.all_reduce = all_reduce_then_stop
+        return inner(grads, count, loss_sum)
+
+    trainer = make_trainer("pretrain", sync)
+    batches = Batches(pretrain_data(), GLOBAL_BATCH, seed=1, rank=r, world_size=2)
+    try:
+        trainer.fit(trainer.init(params0()), batches, 10, progress=False)
+    except Exception as e:  # noqa: BLE001 -- whatever it is, the test wants to see it
+        (out / f"fail_sigstop_rank{r}.json").write_text(json.dumps(
+            {"type": type(e).__name__, "error": str(e), "failed_at": time.time()}))
+
+
 # --------------------------------------------------------------------------- launching
 
 
@@ -210,15 +249,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, n: int = 2) -> list[subprocess.Popen]:
-    """``n`` ranks of this file as a script, with the environment torchrun would give them."""
+def launch(out: Path, n: int = 2, mode: str = "all") -> list[subprocess.Popen]:
+    """``n`` ranks of this file as a script, with the environment torchrun would give them.
+
+    ``mode`` "all": :func:`_ranks_main`; "sigstop": :func:`_sigstop_main`."""
     port = free_port()
     procs = []
     for r in range(n):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         with open(out / f"rank{r}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, cwd=ROOT,
+            procs.append(subprocess.Popen([sys.executable, __file__, str(out), mode], env=env, cwd=ROOT,
                                           stdout=log, stderr=subprocess.STDOUT))
     return procs
 
@@ -302,6 +343,9 @@ def test_bucket_plan_groups_by_dtype_and_size():
 def test_without_a_process_group_things_are_single_process_or_refused(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert D.init_from_env() is False and (D.rank(), D.world_size(), D.is_main()) == (0, 1, True)
+    for bad in (0, -5, float("nan"), "60"):
+        with pytest.raises(ValueError, match="timeout_s must be a positive number of seconds"):
+            D.init_from_env(timeout_s=bad)
     D.barrier()
     D.shutdown()
     with pytest.raises(D.DistributedError, match="not initialised"):
@@ -312,12 +356,13 @@ def test_without_a_process_group_things_are_single_process_or_refused(monkeypatc
         D.init_from_env()
 
 
-def test_demo_under_torchrun_says_to_run_it_in_one_process(monkeypatch):
+def test_demo_under_torchrun_says_to_run_it_in_one_process(monkeypatch, capsys):
     from minillm_func import cli
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="runs in one process"):
-        cli.main(["demo", "--quick"])
+    assert cli.main(["demo", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("minillm-func: error (rank ? of 2): demo runs in one process")
 
 
 # --------------------------------------------------------------------------- tests: 2 processes
@@ -375,13 +420,13 @@ def test_sharded_checkpoint_holds_full_tensors(two_ranks):
 
 def test_checkpoints_cross_process_counts(two_ranks, single):
     out, _ = two_ranks
-    assert {"checkpoint", "metrics.jsonl"} <= set(two_ranks[1][0]["run2_files_by_rank0_only"])
+    assert {"checkpoints", "metrics.jsonl"} <= set(two_ranks[1][0]["run2_files_by_rank0_only"])
     # 2 processes stop and resume with 2: bit-identical to 2 processes that never stopped
     straight2 = load_params(out / "straight2_rank0.safetensors")
     assert_close(load_params(out / "resumed2_rank0.safetensors"), straight2, rtol=0, atol=0)
     # written by 2 processes, resumed by 1
     trainer = make_trainer("pretrain")
-    state, meta = checkpoint.load(out / "run2" / "checkpoint", like=trainer.init(params0()))
+    state, meta = checkpoint.load(checkpoint.resolve(out / "run2"), like=trainer.init(params0()))
     assert meta["step"] == HALF
     resumed1 = fit(trainer, "pretrain", state, FULL, position=tuple(meta["data_position"])).params
     assert_close(resumed1, single["straight"])
@@ -390,17 +435,88 @@ def test_checkpoints_cross_process_counts(two_ranks, single):
     assert_close(load_params(out / "from1_rank0.safetensors"), single["straight"])
 
 
+def test_all_reduce_sum_returns_a_new_summed_tensor(two_ranks):
+    _, reports = two_ranks
+    for r in range(2):
+        info = reports[r]["all_reduce_sum"]
+        assert info == {"sum": [3.0, 10.0, 1.0], "dtype": "torch.float64", "input_untouched": True}
+
+
+def test_all_reduce_sum_is_a_copy_in_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    x = torch.arange(6.0).reshape(2, 3).t()  # not contiguous
+    y = D.all_reduce_sum(x)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr() and y.is_contiguous()
+    y += 1
+    assert torch.equal(x, torch.arange(6.0).reshape(2, 3).t())
+
+
+def test_gloo_timeout_texts_become_a_distributed_error():
+    """What gloo says when a peer stops answering, verbatim: the operation whose receive timed out
+    says "Timed out waiting ...", every other one of the group "Application timeout caused pair
+    closure" -- a text that names neither gloo nor a timeout (it escaped as a raw RuntimeError)."""
+    for text in ("Application timeout caused pair closure",
+                 "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] "
+                 "Timed out waiting 5000ms for recv operation to complete"):
+        def collective(text=text):
+            raise RuntimeError(text)
+
+        with pytest.raises(D.DistributedError, match="a peer stopped answering for .* --dist-timeout") as info:
+            D._guard(collective, "barrier")
+        assert str(info.value).startswith("barrier failed on rank 0 of 1") and text in str(info.value)
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):  # not a communication error: untouched
+        D._guard(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")), "barrier")
+
+
 @pytest.mark.parametrize("how", ["raise", "hang"])
 def test_a_failing_peer_makes_the_other_rank_fail_clearly_and_soon(two_ranks, how):
     out, _ = two_ranks
     report = json.loads((out / f"fail_{how}_rank0.json").read_text())
     assert report["type"] == "DistributedError"
-    assert "rank 0 of 2: a peer process crashed or stopped answering" in report["error"]
+    assert "make_grad_sync: all_reduce of the gradients failed on rank 0 of 2 after" in report["error"]
+    assert "Check the other ranks' output for the first error" in report["error"]
     if how == "raise":  # the peer's process died, its sockets closed: rank 0 knows at once
         assert "injected failure on rank 1" in (out / "rank1.log").read_text()
+        assert "a peer process closed its connection" in report["error"]
         assert report["seconds"] < 10
     else:  # the peer is alive but silent: rank 0 gives up after the group's 2 s timeout
-        assert 2 <= report["seconds"] < 10 and "Timed out" in report["error"]
+        assert "a peer stopped answering for 2 s" in report["error"] and "--dist-timeout" in report["error"]
+        assert 2 <= report["seconds"] < 2 + HANG_SLACK + 3  # + the step's own compute before the sync
+
+
+def _process_state(pid: int) -> str:
+    """R, S, T (stopped), Z... from /proc (Linux)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_stopped_peer_makes_the_other_rank_fail_within_the_timeout(tmp_path):
+    """A real hang: rank 1 SIGSTOPs itself mid-way through a gradient sync (see ``_sigstop_main``).
+    Rank 0 raises DistributedError within init_from_env's timeout_s + HANG_SLACK, naming itself,
+    the collective and the timeout, and exits cleanly (gloo's worker thread is not left running).
+    Before the fix this was gloo's raw "Application timeout caused pair closure" (or an unhelpful
+    DistributedError, depending on which bucket's operation timed out first)."""
+    procs = launch(tmp_path, mode="sigstop")
+    try:
+        code0 = procs[0].wait(timeout=120)
+        state1 = _process_state(procs[1].pid) if procs[1].poll() is None else f"exited {procs[1].returncode}"
+    finally:
+        for p in procs:  # rank 1 never wakes up: SIGKILL, so nothing is left running
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert state1 == "T", logs(tmp_path)  # rank 1 really was frozen, not dead, while rank 0 failed
+    assert code0 == 0, logs(tmp_path)  # 0: rank 0 caught the error and exited normally (no SIGABRT)
+    report = json.loads((tmp_path / "fail_sigstop_rank0.json").read_text())
+    assert report["type"] == "DistributedError", report
+    error = report["error"]
+    assert "make_grad_sync: all_reduce of the gradients failed on rank 0 of 2 after" in error
+    assert f"a peer stopped answering for {HANG_TIMEOUT} s" in error and "--dist-timeout" in error
+    waited = float(re.search(r"after (\d+\.\d) s", error).group(1))
+    assert waited >= HANG_TIMEOUT - 0.1  # rank 0 waited out the whole timeout in the sync...
+    seconds = report["failed_at"] - float((tmp_path / "stopped_at").read_text())
+    assert HANG_TIMEOUT - 1 <= seconds <= HANG_TIMEOUT + HANG_SLACK, seconds  # ...and no longer
 
 
 def test_torchrun_cli_trains_like_one_process(tmp_path):
@@ -413,7 +529,7 @@ def test_torchrun_cli_trains_like_one_process(tmp_path):
     r = subprocess.run([*torchrun, "-m", "minillm_func.cli", *common, "--out", "two"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("pretrain: checkpoint in two/checkpoint") == 1  # rank 0 alone speaks
+    assert r.stdout.count("pretrain: checkpoints in two/checkpoints") == 1  # rank 0 alone speaks
     from minillm_func import cli
 
     cwd = os.getcwd()
@@ -422,8 +538,8 @@ def test_torchrun_cli_trains_like_one_process(tmp_path):
         cli.main([*common, "--out", "one"])
     finally:
         os.chdir(cwd)
-    two, meta2 = checkpoint.load(tmp_path / "two" / "checkpoint")
-    one, meta1 = checkpoint.load(tmp_path / "one" / "checkpoint")
+    two, meta2 = checkpoint.load(checkpoint.resolve(tmp_path / "two"))
+    one, meta1 = checkpoint.load(checkpoint.resolve(tmp_path / "one"))
     assert meta2["step"] == meta1["step"] == 3 and meta2["data_position"] == meta1["data_position"]
     # float32 params: AdamW normalises each gradient element, so the round-off of a
     # near-zero gradient (the never-seen padded-vocabulary rows) can move a weight by
@@ -434,4 +550,4 @@ def test_torchrun_cli_trains_like_one_process(tmp_path):
 
 if __name__ == "__main__":  # a rank, started by `launch`
     torch.set_num_threads(1)
-    _ranks_main(Path(sys.argv[1]))
+    (_sigstop_main if sys.argv[2] == "sigstop" else _ranks_main)(Path(sys.argv[1]))
