@@ -73,9 +73,10 @@ def _check_arguments(cfg, prompts, max_new_tokens, eos_id, pad_id, temperature, 
             "build the model with a larger ModelConfig.max_seq_len.")
     if not 0 <= pad_id < cfg.padded_vocab_size:
         raise ValueError(f"generate: pad_id={pad_id} is not a valid embedding row [0, {cfg.padded_vocab_size}).")
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-        raise ValueError(f"generate: eos_id={eos_id} is outside [0, vocab_size={cfg.vocab_size}); pass None to "
-                         "never stop early.")
+    for stop in _stop_ids(eos_id):
+        if not isinstance(stop, int) or not 0 <= stop < cfg.vocab_size:
+            raise ValueError(f"generate: eos_id={eos_id} holds {stop!r}, not an id in [0, vocab_size="
+                             f"{cfg.vocab_size}); pass None to never stop early.")
     if not temperature >= 0:  # also rejects NaN
         raise ValueError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature!r}.")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
@@ -115,8 +116,9 @@ def generate(model: Model, params: dict, prompts: Sequence[Sequence[int]], *, ma
         prompts: a non-empty list of non-empty token-id lists, of any lengths.
         max_new_tokens: most tokens added to each prompt; ``longest prompt + max_new_tokens``
             must not exceed ``model.config.max_seq_len``.
-        eos_id: a row stops when it produces this id (not included in its output);
-            ``None`` never stops early.
+        eos_id: a row stops when it produces this id, or any id of a tuple/list of them
+            (chat models often have several end tokens); it is not included in the
+            output. ``None`` never stops early.
         pad_id: the id fed at padding positions (left padding, finished rows); it is
             masked out, so its value only needs to be a valid embedding row.
         temperature: 0 (default) is greedy; otherwise logits are divided by it before sampling.
@@ -145,13 +147,14 @@ def generate(model: Model, params: dict, prompts: Sequence[Sequence[int]], *, ma
     # Rows start at rotary position 0 on their first real token: offset -n_pad.
     logits, cache = model.apply_with_cache(params, ids, None, -n_pad, mask)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    stops = torch.tensor(_stop_ids(eos_id), dtype=torch.long, device=device)
     new_tokens = []
     for step in range(max_new_tokens):
         token = _choose(logits[:, -1, :cfg.vocab_size], temperature, top_k, top_p, generator)
         token = token.masked_fill(done, pad_id)  # finished rows keep running on padding, ignored
         new_tokens.append(token)
-        if eos_id is not None:
-            done = done | (token == eos_id)
+        if stops.numel():
+            done = done | torch.isin(token, stops)
         # A host sync per token: the only way to stop as soon as every row has finished.
         if step == max_new_tokens - 1 or bool(done.all()):
             break
@@ -163,19 +166,27 @@ def generate(model: Model, params: dict, prompts: Sequence[Sequence[int]], *, ma
             logits, _ = model.apply_with_cache(params, ids, None, -n_pad, mask)
 
     out = []
+    stop_set = set(_stop_ids(eos_id))
     for row in torch.stack(new_tokens, dim=1).tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id)]
-        out.append(row)
+        ends = [i for i, t in enumerate(row) if t in stop_set]
+        out.append(row[:ends[0]] if ends else row)
     return out
+
+
+def _stop_ids(eos_id) -> tuple:
+    """``eos_id`` as a tuple of ids: () for None, (id,) for one id."""
+    if eos_id is None:
+        return ()
+    return tuple(eos_id) if isinstance(eos_id, (tuple, list)) else (eos_id,)
 
 
 def generate_text(model: Model, params: dict, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
     """Continue each text prompt; returns the generated text (without the prompt).
 
-    Each prompt is encoded with ``tokenizer`` and prefixed with ``tokenizer.bos_id``;
-    ``eos_id`` and ``pad_id`` default to the tokenizer's. Other keyword arguments
-    (``max_new_tokens`` is required) go to :func:`generate`.
+    Each prompt is encoded with ``tokenizer`` and prefixed with ``tokenizer.bos_id``
+    (when the tokenizer has one: Qwen's has none); ``eos_id`` defaults to the
+    tokenizer's end ids (``eos_ids`` when it has several) and ``pad_id`` to its pad.
+    Other keyword arguments (``max_new_tokens`` is required) go to :func:`generate`.
 
     Example::
 
@@ -183,7 +194,8 @@ def generate_text(model: Model, params: dict, tokenizer, prompts: Sequence[str],
     """
     if isinstance(prompts, str):
         raise ValueError(f"generate_text: prompts must be a list of strings; wrap the one prompt: [{prompts!r}].")
-    kwargs.setdefault("eos_id", tokenizer.eos_id)
+    kwargs.setdefault("eos_id", tuple(getattr(tokenizer, "eos_ids", None) or (tokenizer.eos_id,)))
     kwargs.setdefault("pad_id", tokenizer.pad_id)
-    ids = [[tokenizer.bos_id, *tokenizer.encode(text)] for text in prompts]
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    ids = [[*bos, *tokenizer.encode(text)] for text in prompts]
     return [tokenizer.decode(row) for row in generate(model, params, ids, **kwargs)]

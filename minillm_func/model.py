@@ -26,11 +26,27 @@ The architecture follows current small LLMs: RMSNorm before each sub-layer,
 rotary position embeddings, grouped-query causal attention through
 ``scaled_dot_product_attention``, a SwiGLU MLP, no biases, and optionally the
 input embedding tied to the output projection.
+
+The options that published checkpoints need are config fields, off by default
+(so a default config builds exactly the params it always did):
+
+- ``head_size`` / ``intermediate_size``: explicit head and MLP sizes (Llama 3, Mistral,
+  Qwen3, whose head size is not ``dim / n_heads``);
+- ``qkv_bias`` (Qwen2) and ``out_bias`` (with ``qkv_bias``: Llama's ``attention_bias``);
+- ``qk_norm`` (Qwen3): an RMSNorm over each query and key head, before the rotation;
+- ``rope_scaling``: Llama 3.1's ``"llama3"`` frequency rescaling or ``"linear"`` position
+  interpolation.
+
+Parameter names map one to one onto transformers' Llama/Mistral/Qwen2/Qwen3 names
+(``tok_emb`` = ``model.embed_tokens``, ``layers.{i}.attn.wq`` = ``model.layers.{i}.self_attn.q_proj``,
+``attn.q_norm`` = ``self_attn.q_norm``, ``attn_norm`` = ``input_layernorm``, ``mlp_norm`` =
+``post_attention_layernorm``, ``mlp.w1/w3/w2`` = ``mlp.gate/up/down_proj``, ``norm`` =
+``model.norm``); rotary embeddings rotate split halves, as transformers' ``rotate_half``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
 
 import torch
@@ -39,12 +55,21 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-__all__ = ["ModelConfig", "Model", "build_model", "Transformer", "KVCache", "empty_cache", "output_weight"]
+__all__ = ["ModelConfig", "Model", "build_model", "Transformer", "KVCache", "empty_cache", "output_weight",
+           "rotary_inv_freq"]
 
 # One ``(keys, values)`` pair per layer, each ``[batch, kv_heads, cached_len, head_dim]``:
 # rotary positions already applied to the keys, stored before grouped-query
 # repetition (so GQA models cache ``n_heads / kv_heads`` times less).
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+# The rope_scaling types we implement, each with the keys its dict must hold besides "rope_type".
+_ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +80,37 @@ class ModelConfig:
     padded up to a multiple of ``vocab_multiple`` (64: faster matmuls), so logits
     have ``padded_vocab_size`` columns. The padding ids never occur in the data;
     the loss pushes their logits down and generation never samples them.
+    ``vocab_multiple=1`` means no padding (what a loaded checkpoint uses, so its
+    embedding shapes stay those of the file).
+
+    The fields after ``init_std`` describe published architectures; their defaults
+    build today's model, parameter for parameter:
+
+    - ``head_size``: the size of one attention head. ``None``: ``dim // n_heads``
+      (and ``dim`` must be divisible by ``n_heads``). Set explicitly, ``n_heads * head_size``
+      need not equal ``dim`` (Qwen3-0.6B: dim 1024, 16 heads of 128): ``wq`` maps
+      ``dim -> n_heads * head_size`` and ``wo`` maps it back to ``dim``.
+    - ``intermediate_size``: the SwiGLU hidden size. ``None``: ``mlp_ratio * dim``
+      rounded up to a multiple of 32.
+    - ``qkv_bias``: biases on the query, key and value projections (Qwen2).
+    - ``out_bias``: a bias on the attention output projection (Llama's
+      ``attention_bias: true`` sets both). Biases start at zero.
+    - ``qk_norm``: an RMSNorm of size ``head_dim`` (eps ``norm_eps``, weights ``attn.q_norm``
+      and ``attn.k_norm``, shared by all heads) applied to each query and key head after
+      the projection and before the rotation (Qwen3).
+    - ``rope_scaling``: how rotary frequencies are adapted to long contexts, a
+      JSON-ready dict with a ``"rope_type"`` key (transformers' names):
+
+      * ``None`` or ``{"rope_type": "default"}``: ``inv_freq_i = rope_theta ** (-2i / head_dim)``;
+      * ``{"rope_type": "linear", "factor": f}``: positions divided by ``f``
+        (position interpolation);
+      * ``{"rope_type": "llama3", "factor": f, "low_freq_factor": l, "high_freq_factor": h,
+        "original_max_position_embeddings": L}`` (Llama 3.1 / 3.2): with wavelength
+        ``w = 2 pi / inv_freq``, frequencies with ``w < L / h`` are kept, those with
+        ``w > L / l`` are divided by ``f``, and in between they are blended:
+        ``s = (L / w - l) / (h - l)``, ``inv_freq * ((1 - s) / f + s)``.
+
+      See :func:`rotary_inv_freq`. Treat the dict as read-only: the config keeps a copy.
     """
 
     vocab_size: int
@@ -70,20 +126,35 @@ class ModelConfig:
     rope_theta: float = 10000.0
     vocab_multiple: int = 64
     init_std: float = 0.02
+    head_size: int | None = None  # None: dim // n_heads
+    intermediate_size: int | None = None  # None: the mlp_ratio rule
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling: dict | None = None  # None: plain rotary frequencies
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "vocab_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}.")
-        if self.dim % self.n_heads:
+        for name in ("head_size", "intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"ModelConfig.{name} must be a positive int or None (derive it), got {value!r}.")
+        for name in ("qkv_bias", "out_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.head_size is None and self.dim % self.n_heads:
             raise ValueError(
                 f"ModelConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}; "
-                f"choose for example dim={self.n_heads * max(2, self.dim // self.n_heads)}.")
+                f"choose for example dim={self.n_heads * max(2, self.dim // self.n_heads)}, "
+                "or give the head size explicitly with head_size=...")
         if self.head_dim % 2:
             raise ValueError(
-                f"ModelConfig: the head size dim/n_heads = {self.head_dim} must be even for rotary "
-                "positions; change dim or n_heads.")
+                f"ModelConfig: the head size {self.head_dim} "
+                f"({'head_size' if self.head_size is not None else 'dim / n_heads'}) must be even for "
+                "rotary positions; change dim, n_heads or head_size.")
         if self.n_heads % self.kv_heads:
             raise ValueError(
                 f"ModelConfig: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads} "
@@ -95,10 +166,18 @@ class ModelConfig:
                 "rarely need it.")
         if self.mlp_ratio <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("ModelConfig: mlp_ratio, norm_eps and init_std must be positive.")
+        if self.rope_scaling is not None:
+            # A private copy: the caller's dict may change later, the config must not.
+            object.__setattr__(self, "rope_scaling", _check_rope_scaling(self.rope_scaling))
+
+    def __hash__(self):  # a frozen config stays hashable although rope_scaling is a dict
+        def hashable(value):
+            return tuple(sorted(value.items())) if isinstance(value, dict) else value
+        return hash(tuple(hashable(getattr(self, f.name)) for f in fields(self)))
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -106,6 +185,8 @@ class ModelConfig:
 
     @property
     def hidden_dim(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
         return 32 * math.ceil(self.mlp_ratio * self.dim / 32)
 
     @property
@@ -114,25 +195,97 @@ class ModelConfig:
         return m * math.ceil(self.vocab_size / m)
 
 
+def _check_rope_scaling(rope_scaling) -> dict:
+    """A validated plain-dict copy of ``rope_scaling``; a ValueError that says what to write otherwise."""
+    example = ('rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, '
+               '"high_freq_factor": 4.0, "original_max_position_embeddings": 8192}')
+    if not isinstance(rope_scaling, dict):
+        raise ValueError(f"ModelConfig.rope_scaling must be None or a dict, got {type(rope_scaling).__name__}; "
+                         f"for example {example}.")
+    rope_type = rope_scaling.get("rope_type")
+    if rope_type is None:
+        hint = (f' (older configs call it "type": write "rope_type": {rope_scaling["type"]!r})'
+                if "type" in rope_scaling else "")
+        raise ValueError(f"ModelConfig.rope_scaling={rope_scaling!r} has no \"rope_type\" key{hint}; "
+                         f"supported types: {sorted(_ROPE_SCALING_KEYS)}.")
+    if rope_type not in _ROPE_SCALING_KEYS:
+        raise ValueError(f"ModelConfig.rope_scaling: rope_type {rope_type!r} is not supported; "
+                         f"supported types: {sorted(_ROPE_SCALING_KEYS)}.")
+    required = _ROPE_SCALING_KEYS[rope_type]
+    missing = [k for k in required if k not in rope_scaling]
+    unknown = sorted(set(rope_scaling) - set(required) - {"rope_type"})
+    if missing or unknown:
+        why = []
+        if missing:
+            why.append(f"lacks {missing}")
+        if unknown:
+            why.append(f"has keys it does not use, {unknown}"
+                       + (" (rope_theta is ModelConfig.rope_theta)" if "rope_theta" in unknown else ""))
+        raise ValueError(f"ModelConfig.rope_scaling for rope_type {rope_type!r} {' and '.join(why)}; "
+                         f"it takes exactly {['rope_type', *required]}.")
+    for key in required:
+        value = rope_scaling[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"ModelConfig.rope_scaling[{key!r}] must be a positive number, got {value!r}.")
+    if rope_type == "llama3" and rope_scaling["high_freq_factor"] <= rope_scaling["low_freq_factor"]:
+        raise ValueError(
+            f"ModelConfig.rope_scaling: high_freq_factor={rope_scaling['high_freq_factor']} must exceed "
+            f"low_freq_factor={rope_scaling['low_freq_factor']} (Llama 3.1 uses 4.0 and 1.0).")
+    return dict(rope_scaling)
+
+
 # --------------------------------------------------------------------------- module
 
 
-def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None, *,
+                    dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The rotary inverse frequencies ``[head_dim/2]``, computed in ``dtype``.
+
+    Plain: ``inv_freq_i = theta ** (-2i / head_dim)``. ``rope_scaling`` (see
+    :class:`ModelConfig`) rescales them: ``"linear"`` divides every frequency by
+    ``factor`` (the same angles as dividing the positions by it); ``"llama3"`` keeps
+    the high frequencies (wavelength ``2 pi / inv_freq`` below
+    ``original_max_position_embeddings / high_freq_factor``), divides the low ones
+    (wavelength above ``original_max_position_embeddings / low_freq_factor``) by
+    ``factor``, and blends linearly in ``1 / wavelength`` in between, so the result is
+    continuous at both edges.
+    """
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
+    rope_type = "default" if rope_scaling is None else rope_scaling["rope_type"]
+    if rope_type == "default":
+        return inv_freq
+    factor = rope_scaling["factor"]
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+        old_len = rope_scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # smooth: 1 at the high-frequency edge (wavelen = old_len / high), 0 at the
+        # low-frequency edge (wavelen = old_len / low); clamped outside.
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+        return inv_freq * ((1 - smooth) / factor + smooth)
+    raise ValueError(f"rotary_inv_freq: rope_type {rope_type!r} is not supported; "
+                     f"supported types: {sorted(_ROPE_SCALING_KEYS)}.")
+
+
+def rotary_angles(positions: torch.Tensor, head_dim: int, theta: float,
+                  rope_scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles at integer ``positions`` (any shape ``[...]``),
     ``[..., head_dim/2]`` in float32.
 
     Recomputed at each call rather than stored as buffers: it costs ``T * head_dim/2``
     multiplications and keeps the module free of state.
     """
-    device = positions.device
-    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    inv_freq = rotary_inv_freq(head_dim, theta, rope_scaling, device=positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device,
+                  rope_scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles at positions ``0 .. seq_len-1``, ``[seq_len, head_dim/2]``."""
-    return rotary_angles(torch.arange(seq_len, device=device), head_dim, theta)
+    return rotary_angles(torch.arange(seq_len, device=device), head_dim, theta, rope_scaling)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -145,18 +298,26 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
+        if cfg.qk_norm:  # one norm over head_dim, shared by the heads (Qwen3)
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, past_kv=None):
         """Returns ``(output, (keys, values))``; the keys/values cover the past ones, if
         given, followed by those of ``x`` (the layer's entry of the new cache)."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # before the rotation, as Qwen3 does
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past_kv is not None:
             # The cache grows by concatenation: a new tensor each step, so the cache
@@ -235,12 +396,13 @@ class Transformer(nn.Module):
         past = 0 if cache is None else cache[0][0].shape[2]
         if start_pos is None:
             start_pos = past
+        rope = (self.cfg.head_dim, self.cfg.rope_theta)
         if isinstance(start_pos, int) and start_pos == 0:
-            cos, sin = rotary_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device)
+            cos, sin = rotary_tables(T, *rope, device, self.cfg.rope_scaling)
         else:
             start = torch.as_tensor(start_pos, device=device)
             positions = (start[..., None] + torch.arange(T, device=device)).clamp(min=0)  # [T] or [B, T]
-            cos, sin = rotary_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+            cos, sin = rotary_angles(positions, *rope, self.cfg.rope_scaling)
             if positions.dim() == 2:  # per-row positions: broadcast over the heads
                 cos, sin = cos[:, None], sin[:, None]
         mask = None
@@ -376,13 +538,44 @@ def _check_checkpoint(params: dict, input_ids: torch.Tensor, who: str) -> None:
 
 
 def build_model(cfg: ModelConfig) -> Model:
-    """Build the pure ``Model(init, apply, module, config, to_module)`` for ``cfg``.
+    """Build the pure ``Model(init, apply, module, config, to_module, apply_with_cache, apply_hidden)``.
+
+    What each :class:`ModelConfig` field does:
+
+    - ``vocab_size``: the tokenizer's size; ids ``>= vocab_size`` are never generated.
+    - ``dim``: the width of the residual stream (embeddings, norms, projections' input).
+    - ``n_layers``: the number of transformer blocks.
+    - ``n_heads``: query heads per attention layer.
+    - ``n_kv_heads``: key/value heads (grouped-query attention); ``None``: ``n_heads``.
+    - ``max_seq_len``: the longest sequence ``apply`` accepts (cached + new positions for decoding).
+    - ``mlp_ratio``: SwiGLU hidden size ``mlp_ratio * dim`` rounded up to a multiple of 32,
+      unless ``intermediate_size`` is given.
+    - ``norm_eps``: the epsilon of every RMSNorm (including ``qk_norm``'s).
+    - ``tie_embeddings``: the output projection is the input embedding (one param, ``tok_emb.weight``).
+    - ``dropout``: must be 0.0 (a pure ``apply`` draws no random masks).
+    - ``rope_theta``: the rotary base; ``inv_freq_i = rope_theta ** (-2i / head_dim)``.
+    - ``vocab_multiple``: embeddings and logits padded to a multiple of it (1: no padding).
+    - ``init_std``: the std of the normal init; residual output projections get
+      ``init_std / sqrt(2 * n_layers)``; norms start at one, biases at zero.
+    - ``head_size``: the per-head size; ``None``: ``dim // n_heads``.
+    - ``intermediate_size``: the SwiGLU hidden size; ``None``: the ``mlp_ratio`` rule.
+    - ``qkv_bias``: biases on ``wq``, ``wk``, ``wv`` (Qwen2).
+    - ``out_bias``: a bias on ``wo`` (Llama ``attention_bias``, with ``qkv_bias``).
+    - ``qk_norm``: RMSNorm over each query/key head before the rotation (Qwen3),
+      params ``layers.{i}.attn.q_norm.weight`` / ``k_norm.weight`` of shape ``[head_dim]``.
+    - ``rope_scaling``: ``None`` or ``{"rope_type": "default" | "linear" | "llama3", ...}``
+      (see :class:`ModelConfig` and :func:`rotary_inv_freq`).
 
     Example::
 
         model = build_model(ModelConfig(vocab_size=259, dim=64, n_layers=2, n_heads=4, max_seq_len=32))
         params = model.init(seed=0)
         logits = model.apply(params, torch.zeros(1, 8, dtype=torch.long))   # [1, 8, 320]
+
+    A Qwen3-shaped model (explicit head size, query/key norms, no vocabulary padding)::
+
+        cfg = ModelConfig(vocab_size=1000, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_size=16,
+                          intermediate_size=96, qk_norm=True, vocab_multiple=1, rope_theta=1e6)
     """
     with torch.device("meta"):
         module = Transformer(cfg)
@@ -398,6 +591,8 @@ def build_model(cfg: ModelConfig) -> Model:
         for name, p in module.named_parameters():
             if name.endswith("norm.weight"):
                 value = torch.ones(p.shape)
+            elif name.endswith(".bias"):  # draws nothing: the weights' values do not depend on the biases
+                value = torch.zeros(p.shape)
             else:
                 std = residual_std if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
                 value = torch.randn(p.shape, generator=gen) * std

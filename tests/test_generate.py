@@ -343,3 +343,55 @@ def test_generate_text_rejects_a_bare_string():
     model = mf.build_model(mf.ModelConfig(vocab_size=tok.vocab_size, dim=8, n_layers=1, n_heads=2, max_seq_len=8))
     with pytest.raises(ValueError, match=r"\['hi'\]"):
         generate_text(model, model.init(0), tok, "hi", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_several_end_ids_stop_a_row_at_the_first_of_any(seed):
+    """Chat models end a turn with one of several ids: eos_id may be a tuple of them."""
+    model, params = sampling_model()
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    free = generate(model, params, prompts, max_new_tokens=12, eos_id=None, pad_id=0, temperature=1.5, seed=seed)
+    stops = tuple({t for row in free for t in row[2:4]})  # ids that occur in the free-running rows
+    got = generate(model, params, prompts, max_new_tokens=12, eos_id=stops, pad_id=0, temperature=1.5, seed=seed)
+    for row, out in zip(free, got):
+        first = next((i for i, t in enumerate(row) if t in stops), len(row))
+        assert out == row[:first]
+
+
+# --------------------------------------------------------------------------- published architectures' options
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("kwargs", [
+    # Qwen3-like: query/key norms, biases, a head size that is not dim / n_heads, no vocabulary padding
+    dict(dim=20, n_heads=3, n_kv_heads=1, head_size=8, qk_norm=True, qkv_bias=True, out_bias=True,
+         vocab_multiple=1, tie_embeddings=False),
+    # Llama 3.1-like: grouped-query attention, rotary scaling, explicit MLP size
+    dict(dim=24, n_heads=4, n_kv_heads=2, head_size=8, intermediate_size=40, qk_norm=True, qkv_bias=True,
+         rope_scaling=LLAMA3, tie_embeddings=False, vocab_multiple=1),
+])
+def test_cached_and_uncached_greedy_agree_with_the_new_options(kwargs):
+    cfg = mf.ModelConfig(vocab_size=53, n_layers=2, max_seq_len=32, **kwargs)
+    model = mf.build_model(cfg)
+    params = sharpen(model.init(0, dtype=EXACT))
+    g = gen(1)
+    for k, v in params.items():  # init makes biases 0 and norms 1: draw them so they matter
+        if k.endswith(".bias"):
+            params[k] = 0.1 * torch.randn(v.shape, generator=g, dtype=EXACT)
+        elif k.endswith("norm.weight"):
+            # q/k norms fix the size of queries and keys; larger weights keep attention from being uniform
+            scale = 3.0 if k.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
+            params[k] = scale * (1 + 0.5 * torch.randn(v.shape, generator=g, dtype=EXACT))
+    prompts = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8]]
+    cached = greedy(model, params, prompts, 20, use_cache=True)
+    assert cached == greedy(model, params, prompts, 20, use_cache=False)
+    assert cached == [greedy(model, params, [p], 20)[0] for p in prompts]  # left padding changes nothing
+    assert len({t for row in cached for t in row}) > 3  # not a degenerate echo of one token
+    # An independent reference: the argmax of a full model.apply, one token at a time.
+    seq = list(prompts[0])
+    for _ in range(20):
+        seq.append(int(model.apply(params, torch.tensor([seq]))[0, -1, :cfg.vocab_size].argmax()))
+    assert cached[0] == seq[len(prompts[0]):]
