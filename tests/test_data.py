@@ -125,6 +125,40 @@ def test_multi_turn_messages_supervise_every_assistant_turn():
     assert tok.decode(prompt) == "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\n"
 
 
+def test_trl_conversational_lists_in_the_built_in_format():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    reply = [{"role": "assistant", "content": "hello"}]
+    as_lists = mf.ConversationDataset([{"prompt": msgs, "completion": reply}], tok, 200)[0]
+    as_messages = mf.ConversationDataset([{"messages": msgs + reply}], tok, 200)[0]
+    assert torch.equal(as_lists["input_ids"], as_messages["input_ids"])
+    assert torch.equal(as_lists["labels"], as_messages["labels"])
+    # a few-shot assistant turn inside the prompt is not learned; only the completion is
+    shots = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+             {"role": "user", "content": "hi"}]
+    item = mf.ConversationDataset([{"prompt": shots, "completion": reply}], tok, 200)[0]
+    assert item["labels"][item["labels"] != IGN].tolist() == tok.encode("hello") + [tok.eos_id]
+    rejected = [{"role": "assistant", "content": "yo"}]
+    pair = mf.PreferenceDataset([{"prompt": msgs, "chosen": reply, "rejected": rejected}], tok, 200)[0]
+    same = mf.PreferenceDataset([{"prompt": msgs, "chosen": "hello", "rejected": "yo"}], tok, 200)[0]
+    assert all(torch.equal(pair[k], same[k]) for k in same)
+    with pytest.raises(ValueError, match="'completion' must start with an assistant message"):
+        mf.ConversationDataset([{"prompt": "a", "completion": [{"role": "user", "content": "b"}]}], tok, 16)
+    with pytest.raises(ValueError, match="field 'chosen' must be a string, got int .*list of messages"):
+        mf.PreferenceDataset([{"prompt": "a", "chosen": 1, "rejected": "b"}], tok, 16)
+
+
+def test_start_ids_follow_the_tokenizers_bos_rule():
+    class NoBos(mf.ByteTokenizer):
+        add_bos_token = False
+
+    assert mf.data.start_ids(tok) == [tok.bos_id]
+    item = mf.LanguageModelingDataset(["ab"], NoBos(), 8)[0]
+    assert item["input_ids"][item["attention_mask"].bool()].tolist() == tok.encode("ab") + [tok.eos_id]
+    item = mf.ConversationDataset([{"prompt": "a", "completion": "b"}], NoBos(), 8)[0]
+    assert item["input_ids"].tolist() == tok.encode("ab") + [tok.eos_id]
+    assert item["labels"].tolist() == [*tok.encode("b"), tok.eos_id, IGN]
+
+
 # --------------------------------------------------------------------------- preferences
 
 

@@ -5,10 +5,24 @@ the next token: ``labels[t]`` is the target for the model's output at ``t``
 (``labels[t] == input_ids[t + 1]`` wherever it is counted), and
 ``IGNORE_INDEX`` (-100) wherever nothing is learned.
 
-Every sequence starts with the tokenizer's BOS token, so the first real token
-is predicted too. Tokenisation happens once, at construction.
+A plain-text sequence starts with the tokenizer's BOS token when the tokenizer
+adds one (``tokenizer.add_bos_token``: always for ByteTokenizer and
+BPETokenizer, and for an :class:`~minillm_func.data.HFTokenizer` exactly when
+``transformers``' ``tokenizer(text)`` would), so the first real token is
+predicted too. Tokenisation happens once, at construction.
 
-Chat format (for ``{"messages": [...]}`` records), one segment per line::
+Chat template. When the tokenizer has one (an ``HFTokenizer`` from an instruct
+model's folder), conversations are rendered by it and tokenised as
+``apply_chat_template`` does: the ids are the model's own chat format, and the
+labels are on the assistant turns only — content and end-of-turn token, not the
+role header nor the newline after the end-of-turn token (the rule is in
+:mod:`minillm_func.data.chat`). ``{"prompt", "completion"}`` records become a
+user message and an assistant message (TRL's conversational lists are taken as
+they are) and only the completion is learned. Pass ``chat_template=False`` to
+use the built-in format below instead.
+
+Built-in chat format (for ``{"messages": [...]}`` records when there is no
+template), one segment per line::
 
     <|system|>\\n{content}\\n        (optional)
     <|user|>\\n{content}\\n
@@ -30,7 +44,7 @@ from ..losses import IGNORE_INDEX
 
 __all__ = [
     "LanguageModelingDataset", "ConversationDataset", "PreferenceDataset", "ROLES",
-    "render_messages", "chat_prompt", "validate_record", "RECORD_FIELDS",
+    "render_messages", "chat_prompt", "start_ids", "validate_record", "RECORD_FIELDS",
 ]
 
 ROLES = ("system", "user", "assistant")
@@ -41,6 +55,7 @@ RECORD_FIELDS = {
     "sft": '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}',
     "dpo": '{"prompt": ..., "chosen": ..., "rejected": ...}',
 }
+_STR_OR_MESSAGES = (str, list)
 
 
 # --------------------------------------------------------------------------- validation
@@ -51,8 +66,9 @@ def _field(record: dict, name: str, where: str, *, types=(str,), kind: str) -> o
         raise ValueError(f"{where}: missing field {name!r}; a {kind} record looks like {RECORD_FIELDS[kind]}.")
     value = record[name]
     if not isinstance(value, types):
-        expected = " or ".join("a string" if t is str else "a list of messages" for t in types)
-        raise ValueError(f"{where}: field {name!r} must be {expected}, got {type(value).__name__} ({value!r:.60}).")
+        also = "; a list of messages (TRL's conversational format) is accepted too" if list in types else ""
+        raise ValueError(
+            f"{where}: field {name!r} must be a string, got {type(value).__name__} ({value!r:.60}){also}.")
     return value
 
 
@@ -71,6 +87,15 @@ def _check_messages(messages: list, where: str, *, need_assistant: bool) -> None
         raise ValueError(f"{where}: no 'assistant' message, so there is nothing to learn from this conversation.")
 
 
+def _check_reply(reply, name: str, where: str) -> None:
+    """A reply is a string, or (TRL's conversational format) messages that start with the assistant's."""
+    if isinstance(reply, list):
+        _check_messages(reply, where, need_assistant=False)
+        if reply[0]["role"] != "assistant":
+            raise ValueError(f"{where}: {name!r} must start with an assistant message (it is the model's reply), "
+                             f"got role {reply[0]['role']!r}.")
+
+
 def validate_record(kind: str, record, where: str) -> None:
     """Raise a ValueError naming ``where`` (e.g. ``data.jsonl:12``) if ``record`` is not a valid ``kind`` record."""
     if kind == "pretrain" and isinstance(record, str):
@@ -84,14 +109,16 @@ def validate_record(kind: str, record, where: str) -> None:
         if "messages" in record:
             _check_messages(_field(record, "messages", where, types=(list,), kind=kind), where, need_assistant=True)
         else:
-            _field(record, "prompt", where, kind=kind)
-            _field(record, "completion", where, kind=kind)
+            prompt = _field(record, "prompt", where, types=_STR_OR_MESSAGES, kind=kind)
+            if isinstance(prompt, list):
+                _check_messages(prompt, where, need_assistant=False)
+            _check_reply(_field(record, "completion", where, types=_STR_OR_MESSAGES, kind=kind), "completion", where)
     elif kind == "dpo":
-        prompt = _field(record, "prompt", where, types=(str, list), kind=kind)
+        prompt = _field(record, "prompt", where, types=_STR_OR_MESSAGES, kind=kind)
         if isinstance(prompt, list):
             _check_messages(prompt, where, need_assistant=False)
-        _field(record, "chosen", where, kind=kind)
-        _field(record, "rejected", where, kind=kind)
+        for side in ("chosen", "rejected"):
+            _check_reply(_field(record, side, where, types=_STR_OR_MESSAGES, kind=kind), side, where)
     else:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {sorted(RECORD_FIELDS)}.")
 
@@ -99,8 +126,22 @@ def validate_record(kind: str, record, where: str) -> None:
 # --------------------------------------------------------------------------- building sequences
 
 
+def start_ids(tokenizer) -> list[int]:
+    """What a plain-text sequence starts with: ``[bos_id]`` if the tokenizer adds BOS to a text, else nothing."""
+    bos = getattr(tokenizer, "bos_id", None)
+    return [bos] if bos is not None and getattr(tokenizer, "add_bos_token", True) else []
+
+
+def _use_template(tokenizer, chat_template: bool | None) -> bool:
+    has = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template and not has:
+        raise ValueError(f"chat_template=True, but {tokenizer!r} has no chat template; load an instruct model's "
+                         "tokenizer (HFTokenizer.from_folder) or leave chat_template unset for the built-in format.")
+    return has if chat_template is None else bool(chat_template)
+
+
 def render_messages(messages: Sequence[dict], tokenizer) -> list[tuple[list[int], bool]]:
-    """Segments ``(ids, supervised)`` of a conversation in the chat format above."""
+    """Segments ``(ids, supervised)`` of a conversation in the built-in chat format above."""
     segments = []
     for m in messages:
         segments.append((tokenizer.encode(f"<|{m['role']}|>\n"), False))
@@ -111,32 +152,65 @@ def render_messages(messages: Sequence[dict], tokenizer) -> list[tuple[list[int]
     return segments
 
 
-def chat_prompt(messages: Sequence[dict], tokenizer) -> list[int]:
-    """The ids a model sees before its next reply: BOS, the rendered messages and an assistant header."""
-    ids = [tokenizer.bos_id]
+def chat_prompt(messages: Sequence[dict], tokenizer, *, chat_template: bool | None = None,
+                **template_kwargs) -> list[int]:
+    """The ids a model sees before its next reply.
+
+    With the tokenizer's chat template: ``apply_chat_template(messages,
+    add_generation_prompt=True)``. Built-in format: BOS, the rendered messages
+    and an assistant header.
+    """
+    if _use_template(tokenizer, chat_template):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+    ids = start_ids(tokenizer)
     for seg, _ in render_messages(messages, tokenizer):
         ids += seg
     return ids + tokenizer.encode("<|assistant|>\n")
 
 
 def _prompt_segments(prompt, tokenizer) -> list[tuple[list[int], bool]]:
+    """A prompt is never learned, assistant turns inside it (few-shot examples) included."""
     if isinstance(prompt, str):
         return [(tokenizer.encode(prompt), False)]
-    return render_messages(prompt, tokenizer) + [(tokenizer.encode("<|assistant|>\n"), False)]
+    header = (tokenizer.encode("<|assistant|>\n"), False)
+    return [(seg, False) for seg, _ in render_messages(prompt, tokenizer)] + [header]
 
 
-def _sequence(segments, tokenizer, max_length: int) -> dict | None:
-    """BOS + segments, cut to ``max_length``; labels on supervised tokens. None if nothing is supervised."""
-    ids, supervised = [tokenizer.bos_id], [False]
-    for seg, sup in segments:
-        ids += seg
-        supervised += [sup] * len(seg)
+def _reply_segments(reply, tokenizer) -> list[tuple[list[int], bool]]:
+    """Built-in format: the reply's tokens and EOS, supervised; later messages of a list reply in the chat format."""
+    if isinstance(reply, str):
+        return [(tokenizer.encode(reply) + [tokenizer.eos_id], True)]
+    return [(tokenizer.encode(reply[0]["content"]) + [tokenizer.eos_id], True)] + render_messages(reply[1:], tokenizer)
+
+
+def _as_messages(value, role: str) -> list[dict]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+
+def _masked_item(ids: list[int], supervised: list[bool], max_length: int) -> dict | None:
+    """``ids`` cut to ``max_length``; ``labels[t] = ids[t+1]`` where token t+1 is supervised. None if none is."""
     ids, supervised = ids[:max_length], supervised[:max_length]
     labels = [ids[t + 1] if supervised[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
     if all(y == IGNORE_INDEX for y in labels):
         return None
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
             "attention_mask": torch.ones(len(ids), dtype=torch.long)}
+
+
+def _sequence(segments, tokenizer, max_length: int) -> dict | None:
+    """BOS (when the tokenizer adds one) + segments, cut to ``max_length``; labels on supervised tokens."""
+    ids = start_ids(tokenizer)
+    supervised = [False] * len(ids)
+    for seg, sup in segments:
+        ids += seg
+        supervised += [sup] * len(seg)
+    return _masked_item(ids, supervised, max_length)
+
+
+def _template_sequence(messages, tokenizer, max_length: int, supervise_from: int, template_kwargs) -> dict | None:
+    from .chat import tokenize_chat
+    ids, mask = tokenize_chat(tokenizer, messages, supervise_from=supervise_from, **template_kwargs)
+    return _masked_item(ids, mask, max_length)
 
 
 def _check_max_length(max_length, name: str, minimum: int = 2) -> None:
@@ -198,7 +272,8 @@ class _Items:
 class LanguageModelingDataset(_Items):
     """Pretraining sequences from raw texts.
 
-    Unpacked (default): each text becomes ``BOS text EOS``, truncated or padded
+    Unpacked (default): each text becomes ``BOS text EOS`` (no BOS for a
+    tokenizer that adds none, e.g. Qwen's), truncated or padded
     to ``max_length``; labels are the next token, and the last position and
     padding get ``IGNORE_INDEX``. Every item has length ``max_length``.
 
@@ -221,7 +296,7 @@ class LanguageModelingDataset(_Items):
         self.tokenizer, self.max_length, self.pack = tokenizer, max_length, pack
         self.dropped = []
         if pack:
-            stream = [tokenizer.bos_id]
+            stream = start_ids(tokenizer)
             for text in texts:
                 stream += tokenizer.encode(text) + [tokenizer.eos_id]
             self.items = [self._item(stream[s:s + max_length], stream[s + 1:s + max_length + 1])
@@ -229,7 +304,7 @@ class LanguageModelingDataset(_Items):
         else:
             self.items = []
             for text in texts:
-                ids = ([tokenizer.bos_id] + tokenizer.encode(text) + [tokenizer.eos_id])[:max_length]
+                ids = (start_ids(tokenizer) + tokenizer.encode(text) + [tokenizer.eos_id])[:max_length]
                 self.items.append(self._item(ids, ids[1:]))
 
     def _item(self, ids: list[int], targets: list[int]) -> dict:
@@ -243,51 +318,94 @@ class LanguageModelingDataset(_Items):
 class ConversationDataset(_Items):
     """SFT sequences; the loss is on the assistant's replies only.
 
-    Each example is ``{"prompt", "completion"}`` (the prompt is used verbatim,
-    no template) or ``{"messages": [...]}`` (the chat format in the module
-    docstring). The sequence is ``BOS prompt reply EOS``; the supervised
-    positions are exactly the reply tokens and the EOS, shifted by one: their
-    count is ``min(len(reply) + 1, room left after the prompt)``.
+    Each example is ``{"messages": [...]}`` or ``{"prompt", "completion"}``
+    (strings, or TRL's conversational lists of messages).
 
-    Truncation keeps the prompt's start and as much of the reply as fits. An
-    example left with no supervised token is dropped, counted in
-    ``num_dropped`` (indices in ``dropped``) and reported with a warning; if
-    every example is dropped, construction fails with an error that says so.
-    Items are not padded (``collate`` pads a batch to its longest item).
+    With the tokenizer's chat template (the default when it has one): the ids
+    are ``apply_chat_template`` of the conversation (a string prompt becomes a
+    user message and a string completion an assistant message), and the
+    supervised tokens are the assistant turns — all of them for ``messages``,
+    the completion's for prompt/completion — as
+    :func:`~minillm_func.data.chat.tokenize_chat` defines them (content and
+    end-of-turn token). ``template_kwargs`` are passed to the template
+    (``enable_thinking=False``, ``date_string=...``).
+
+    Built-in format (``chat_template=False``, or a tokenizer without one): a
+    prompt string is used verbatim, messages are rendered in the module's chat
+    format. The sequence is ``BOS prompt reply EOS``; the supervised positions
+    are exactly the reply tokens and the EOS, shifted by one: their count is
+    ``min(len(reply) + 1, room left after the prompt)``.
+
+    Truncation keeps the start and as much of the reply as fits. An example
+    left with no supervised token is dropped, counted in ``num_dropped``
+    (indices in ``dropped``) and reported with a warning; if every example is
+    dropped, construction fails with an error that says so. Items are not
+    padded (``collate`` pads a batch to its longest item).
     """
 
-    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int):
+    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int, *, chat_template: bool | None = None,
+                 template_kwargs: dict | None = None):
+        self.use_template = _use_template(tokenizer, chat_template)
+        self.template_kwargs = dict(template_kwargs or {})
         self._collect("ConversationDataset", "sft", examples, tokenizer, max_length)
 
     def _make(self, ex: dict) -> dict | None:
         tok = self.tokenizer
+        if self.use_template:
+            if "messages" in ex:
+                return _template_sequence(ex["messages"], tok, self.max_length, 0, self.template_kwargs)
+            prompt = _as_messages(ex["prompt"], "user")
+            return _template_sequence(prompt + _as_messages(ex["completion"], "assistant"), tok, self.max_length,
+                                      len(prompt), self.template_kwargs)
         if "messages" in ex:
             segments = render_messages(ex["messages"], tok)
         else:
-            segments = _prompt_segments(ex["prompt"], tok) + [(tok.encode(ex["completion"]) + [tok.eos_id], True)]
+            segments = _prompt_segments(ex["prompt"], tok) + _reply_segments(ex["completion"], tok)
         return _sequence(segments, tok, self.max_length)
 
 
 class PreferenceDataset(_Items):
-    """DPO pairs: the same prompt tokens, then the chosen or the rejected reply.
+    """DPO pairs: the same prompt, then the chosen or the rejected reply.
 
-    Each example is ``{"prompt", "chosen", "rejected"}``; the prompt is a
-    string (verbatim) or a list of messages (rendered in the chat format,
-    followed by an assistant header). Items hold ``chosen_input_ids``,
-    ``chosen_labels``, ``chosen_attention_mask`` and the same three for
-    ``rejected``; only reply tokens and their EOS are supervised. A pair in
-    which either side keeps no supervised token after truncation is dropped
-    and counted, as in :class:`ConversationDataset`.
+    Each example is ``{"prompt", "chosen", "rejected"}``: strings, or TRL's
+    conversational preference format (``prompt`` a list of messages,
+    ``chosen``/``rejected`` lists of assistant messages). Items hold
+    ``chosen_input_ids``, ``chosen_labels``, ``chosen_attention_mask`` and the
+    same three for ``rejected``; only reply tokens and their end of turn are
+    supervised.
+
+    With the tokenizer's chat template: the prompt is rendered with
+    ``add_generation_prompt=True`` and each reply appended as the template
+    renders it, so ``chosen_input_ids`` equals
+    ``apply_chat_template(prompt + chosen)`` and starts with the prompt's
+    generation-prompt ids — except for a template that renders the prompt
+    differently once a reply follows (Mistral v0.3 keeps the system prompt only
+    while the last message is the user's): the ids are still the template's
+    rendering of prompt + reply, and the supervised span is found in it.
+    Built-in format: a prompt string verbatim, or messages rendered in the chat
+    format followed by an assistant header; the reply and EOS after it.
+
+    A pair in which either side keeps no supervised token after truncation is
+    dropped and counted, as in :class:`ConversationDataset`.
     """
 
-    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int):
+    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int, *, chat_template: bool | None = None,
+                 template_kwargs: dict | None = None):
+        self.use_template = _use_template(tokenizer, chat_template)
+        self.template_kwargs = dict(template_kwargs or {})
         self._collect("PreferenceDataset", "dpo", examples, tokenizer, max_length)
 
     def _make(self, ex: dict) -> dict | None:
         tok = self.tokenizer
-        prompt = _prompt_segments(ex["prompt"], tok)
-        sides = {side: _sequence(prompt + [(tok.encode(ex[side]) + [tok.eos_id], True)], tok, self.max_length)
-                 for side in ("chosen", "rejected")}
+        if self.use_template:
+            prompt = _as_messages(ex["prompt"], "user")
+            sides = {side: _template_sequence(prompt + _as_messages(ex[side], "assistant"), tok, self.max_length,
+                                              len(prompt), self.template_kwargs)
+                     for side in ("chosen", "rejected")}
+        else:
+            prompt = _prompt_segments(ex["prompt"], tok)
+            sides = {side: _sequence(prompt + _reply_segments(ex[side], tok), tok, self.max_length)
+                     for side in ("chosen", "rejected")}
         if any(v is None for v in sides.values()):
             return None
         return {f"{side}_{k}": v for side, item in sides.items() for k, v in item.items()}
