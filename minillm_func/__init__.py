@@ -2,9 +2,9 @@
 
 Pure losses and steps over explicit state pytrees; see the README for a tour.
 """
-from . import accumulate, amp, checkpoint, data, ensemble, memory, optim, schedules, step, trainers, tree
-from .data import (BPETokenizer, Batches, ByteTokenizer, ConversationDataset, LanguageModelingDataset,
-                   PreferenceDataset, collate, demo_corpus, load_dataset)
+from . import accumulate, amp, checkpoint, data, ensemble, hf, memory, optim, schedules, step, trainers, tree
+from .data import (BPETokenizer, Batches, ByteTokenizer, ConversationDataset, HFTokenizer,
+                   LanguageModelingDataset, PreferenceDataset, collate, demo_corpus, load_dataset)
 from .losses import IGNORE_INDEX, dpo_loss, pretrain_loss, sequence_logps, sft_masked_loss
 from .generate import generate, generate_text
 from .memory import DynamicBatchSizer, MemoryConfig, MemoryMonitor
@@ -15,9 +15,9 @@ from .trainers import Trainer, create_trainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "BPETokenizer", "Batches", "ByteTokenizer", "ConversationDataset", "LanguageModelingDataset",
+    "BPETokenizer", "Batches", "ByteTokenizer", "ConversationDataset", "HFTokenizer", "LanguageModelingDataset",
     "PreferenceDataset", "collate", "data", "demo_corpus", "load_dataset",
     "DynamicBatchSizer", "MemoryConfig", "MemoryMonitor", "checkpoint", "generate", "generate_text", "TrainState", "Trainer", "create_trainer", "make_train_step", "step", "trainers",
-    "IGNORE_INDEX", "Model", "ModelConfig", "accumulate", "amp", "build_model", "dpo_loss", "optim",
+    "IGNORE_INDEX", "Model", "ModelConfig", "accumulate", "amp", "hf", "build_model", "dpo_loss", "optim",
     "pretrain_loss", "schedules", "sequence_logps", "sft_masked_loss", "tree",
 ]

@@ -1,9 +1,10 @@
 """The ``minillm-func`` command.
 
     minillm-func demo [--out runs/demo]                   # pretrain -> SFT -> DPO on the built-in corpus
-    minillm-func train {pretrain,sft,dpo} --data FILE --out DIR [--init RUN] [--resume] [--config FILE]
-    minillm-func generate --ckpt RUN --prompt TEXT [--max-new-tokens N] [--temperature T] ...
-    minillm-func eval --ckpt RUN --data FILE [--kind pretrain|sft|dpo]
+    minillm-func train {pretrain,sft,dpo} --data FILE --out DIR [--init RUN | --model HF_DIR] [--resume]
+    minillm-func generate (--ckpt RUN | --model HF_DIR) --prompt TEXT [--chat] [--max-new-tokens N] ...
+    minillm-func eval (--ckpt RUN | --model HF_DIR) --data FILE [--kind pretrain|sft|dpo]
+    minillm-func export --ckpt RUN --out HF_DIR                # a Hugging Face folder transformers loads
 
 Settings for ``train`` come from flags and/or a TOML or JSON file (``--config``;
 flags win). They are all checked before any data is read, and the settings the
@@ -36,6 +37,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = ["main", "UsageError", "TRAIN_SETTINGS"]
 
@@ -43,6 +45,8 @@ PROG = "minillm-func"
 KINDS = ("pretrain", "sft", "dpo")
 DEFAULT_STEPS = 1000
 DEFAULT_MAX_LENGTH = 256
+DEFAULT_HF_MAX_LENGTH = 1024
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 DEFAULT_SHAPE = {"dim": 256, "n_layers": 4, "n_heads": 4}
 
 
@@ -56,7 +60,8 @@ TRAIN_SETTINGS = {
     "epochs": (None, int, "passes over the training data, instead of --steps"),
     "batch_size": (16, int, "sequences (or pairs) per micro-batch"),
     "accumulation_steps": (1, int, "micro-batches per optimizer update"),
-    "max_length": (None, int, f"tokens per sequence (default: {DEFAULT_MAX_LENGTH}, or the --init model's limit)"),
+    "max_length": (None, int, f"tokens per sequence (default: {DEFAULT_MAX_LENGTH}; the --init model's limit; "
+                              f"with --model, up to {DEFAULT_HF_MAX_LENGTH})"),
     "learning_rate": (None, float, "peak learning rate (default: 1e-4; 5e-5 for sft)"),
     "weight_decay": (0.01, float, "AdamW weight decay"),
     "max_grad_norm": (1.0, float, "global-norm clipping (0: none)"),
@@ -79,8 +84,9 @@ TRAIN_SETTINGS = {
     "dim": (None, int, f"model width (new models; default {DEFAULT_SHAPE['dim']})"),
     "n_layers": (None, int, f"transformer blocks (new models; default {DEFAULT_SHAPE['n_layers']})"),
     "n_heads": (None, int, f"attention heads (new models; default {DEFAULT_SHAPE['n_heads']})"),
-    "tokenizer": (None, str, "byte, bpe:VOCAB (trained on --data) or PATH/tokenizer.json (new models; "
-                             "default byte)"),
+    "tokenizer": (None, str, "byte, bpe:VOCAB (trained on --data), PATH/tokenizer.json or a Hugging Face "
+                             "folder's tokenizer (new models; default byte)"),
+    "dtype": (None, str, "with --model: load the weights as fp32 or bf16 (default: as stored)"),
     "compile": (False, bool, "wrap the train step in torch.compile"),
     "threads": (None, int, "CPU threads for torch (default: torch's choice; 1 is best on a busy machine)"),
     "dist_timeout": (60.0, float, "seconds a data-parallel peer may stay silent before the run stops"),
@@ -129,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="JSON Lines or .txt file (with --resume: default, the run's own)")
     t.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, config.json")
     t.add_argument("--init", help="start from this run folder's newest checkpoint (or a checkpoint folder)")
+    t.add_argument("--model", help="start from a Hugging Face model folder (config.json, safetensors weights, "
+                                   "tokenizer files); nothing is downloaded")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     t.add_argument("--config", help="TOML or JSON file of the settings below")
     t.add_argument("--no-progress", action="store_true")
@@ -137,8 +145,10 @@ def _parser() -> argparse.ArgumentParser:
         t.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_bool if kind is bool else kind,
                        default=None, help=text + shown)
 
-    g = sub.add_parser("generate", parents=[common], help="sample from a checkpoint")
-    g.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
+    g = sub.add_parser("generate", parents=[common], help="sample from a checkpoint or a Hugging Face folder")
+    _model_source(g)
+    g.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message through the tokenizer's chat template")
     g.add_argument("--prompt", action="append", required=True,
                    help="prompt text (repeat for a batch); \\n and \\t are read as newline and tab, \\\\ as \\")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -147,13 +157,28 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, default=0)
 
-    e = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint on a file")
-    e.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
+    e = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint or a Hugging Face folder on a file")
+    _model_source(e)
     e.add_argument("--data", required=True)
-    e.add_argument("--kind", choices=KINDS, help="score as this stage (default: the checkpoint's own)")
+    e.add_argument("--kind", choices=KINDS,
+                   help="score as this stage (default: the checkpoint's own; with --model, the data's)")
     e.add_argument("--ref", help="DPO reference checkpoint (default: the one the run was trained against)")
     e.add_argument("--batch-size", type=int, default=32)
+
+    x = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face folder")
+    x.add_argument("--ckpt", required=True, help="a run folder (its newest checkpoint) or a checkpoint folder")
+    x.add_argument("--out", required=True, help="the folder to write (config.json, safetensors, tokenizer)")
+    x.add_argument("--dtype", choices=sorted(DTYPES), help="convert the weights (default: as trained)")
+    x.add_argument("--max-shard-size", default="5GB", help="split the weights above this size (default: 5GB)")
     return p
+
+
+def _model_source(p) -> None:
+    """``--ckpt RUN`` or ``--model HF_DIR`` (exactly one), for the commands that only read a model."""
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ckpt", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    which.add_argument("--model", help="a Hugging Face model folder")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="with --model: load the weights as this dtype")
 
 
 # --------------------------------------------------------------------------- settings
@@ -282,8 +307,11 @@ def _tokenizer_spec(spec: str):
             raise UsageError(f"--tokenizer {spec}: the vocabulary needs at least 259 entries (bytes + specials).")
         return "bpe", vocab
     path = Path(spec)
+    if path.is_dir():
+        return "folder", path
     if not path.is_file():
-        raise UsageError(f"--tokenizer {spec}: no such file; use byte, bpe:VOCAB or a path to a tokenizer.json.")
+        raise UsageError(f"--tokenizer {spec}: no such file; use byte, bpe:VOCAB, a path to a tokenizer.json, or "
+                         "a Hugging Face folder holding tokenizer.json and tokenizer_config.json.")
     return "file", path
 
 
@@ -313,24 +341,54 @@ def _load_checkpoint(path: str | Path, what: str = "--ckpt"):
     return state, meta, model, tok, folder
 
 
+class _Params(NamedTuple):
+    """The one field of a state the start of a run reads: ``params`` (of a Hugging Face folder)."""
+
+    params: dict
+
+
+def _load_hf(path, dtype: str | None):
+    """(model, params, tokenizer, meta) of a Hugging Face folder; meta says where it came from."""
+    import torch
+
+    from . import hf
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {path}: no such folder (a Hugging Face model folder: config.json, "
+                                "model.safetensors, tokenizer.json).")
+    model, params, tok = hf.load_pretrained(folder, dtype=getattr(torch, DTYPES[dtype]) if dtype else None)
+    model_type = json.loads((folder / hf.CONFIG_FILE).read_text())["model_type"]
+    return model, params, tok, {"hf_model": str(folder.resolve()), "hf_model_type": model_type, "hf_dtype": dtype}
+
+
 # --------------------------------------------------------------------------- train
 
 
-def _resolve(s: dict, kind: str, init_meta: dict | None) -> dict:
-    """Fill the settings left to defaults; the result is what config.json records."""
+def _resolve(s: dict, kind: str, init_meta: dict | None, what: str = "--init") -> dict:
+    """Fill the settings left to defaults; the result is what config.json records.
+
+    ``init_meta``: the meta of the model the run starts from (``what``: --init or --model), whose
+    shape and tokenizer the run takes.
+    """
     s = dict(s)
+    if s["dtype"] is not None and s["dtype"] not in DTYPES:
+        raise UsageError(f"--dtype must be {' or '.join(DTYPES)}, got {s['dtype']!r}.")
+    if s["dtype"] is not None and what != "--model":
+        raise UsageError("--dtype applies to --model (the dtype a Hugging Face folder is loaded as); drop it.")
     if init_meta is not None:
         shape = init_meta["model_config"]
         for name in _MODEL_SHAPE:
             if s[name] is not None and s[name] != shape[name]:
-                raise UsageError(f"{_flag(name)} {s[name]} conflicts with the --init checkpoint, whose model has "
-                                 f"{name} = {shape[name]}; the shape comes from the checkpoint: drop {_flag(name)}.")
+                raise UsageError(f"{_flag(name)} {s[name]} conflicts with the {what} model, which has "
+                                 f"{name} = {shape[name]}; the shape comes from {what}: drop {_flag(name)}.")
             s[name] = shape[name]
         if s["tokenizer"] is not None:
-            raise UsageError("--tokenizer conflicts with --init: the tokenizer comes from the checkpoint; "
+            raise UsageError(f"--tokenizer conflicts with {what}: the tokenizer comes from {what}; "
                              "drop --tokenizer.")
         if s["max_length"] is None:
-            s["max_length"] = shape["max_seq_len"]
+            limit = shape["max_seq_len"]
+            s["max_length"] = min(limit, DEFAULT_HF_MAX_LENGTH) if what == "--model" else limit
     for name, value in DEFAULT_SHAPE.items():
         s[name] = value if s[name] is None else s[name]
     s["max_length"] = DEFAULT_MAX_LENGTH if s["max_length"] is None else s["max_length"]
@@ -391,27 +449,36 @@ def _train(args) -> None:
             raise UsageError(f"{out} holds a {saved.get('kind')} run; resume it with `train {saved.get('kind')}`.")
         s = _merge_resumed(saved, given, source)
         data_path = args.data or saved.get("data")
-        init_path = saved.get("init")
+        init_path, model_path = saved.get("init"), saved.get("model")
     else:
         if (out / "config.json").exists() and checkpoint.latest(out) is not None:
             raise UsageError(f"{out} already holds a run; add --resume to continue it, or choose another --out.")
         s = {name: given.get(name, default) for name, (default, _, _) in TRAIN_SETTINGS.items()}
-        data_path, init_path = args.data, args.init
+        data_path, init_path, model_path = args.data, args.init, args.model
     if not data_path:
         raise UsageError("--data FILE is required (the training data).")
+    if init_path and model_path:
+        raise UsageError("--init and --model both name the model to start from; give one.")
+    if args.resume and args.model:
+        raise UsageError("--resume continues the run in --out from its own checkpoint; drop --model.")
 
     init_state = init_meta = None
+    what, hf_meta = ("--model" if model_path else "--init"), {}
     if init_path:
         init_state, init_meta, model, tok, init_folder = _load_checkpoint(init_path, "--init")
         init_path = str(init_folder)
-    s = _resolve(s, args.kind, init_meta)
+    elif model_path:
+        model, hf_params, tok, hf_meta = _load_hf(model_path, s.get("dtype"))
+        init_state, init_meta = _Params(hf_params), {"model_config": dataclasses.asdict(model.config)}
+        model_path = hf_meta["hf_model"]
+    s = _resolve(s, args.kind, init_meta, what)
     steps_known = s["steps"] if s["steps"] is not None else DEFAULT_STEPS
     _validate({**s, "steps": steps_known, "T_max": s["T_max"]}, args.kind)
     # A resumed run's tokenizer (trained BPE included) comes from its checkpoint: never rebuilt.
     kind_tok, tok_arg = (("checkpoint", None) if init_meta is not None or args.resume
                          else _tokenizer_spec(s["tokenizer"]))
     if init_meta is not None:
-        limit, why = model.config.max_seq_len, "the --init model's max_seq_len"
+        limit, why = model.config.max_seq_len, f"the {what} model's max_seq_len"
     else:
         vocab = tok_arg if kind_tok == "bpe" else 512  # a tokenizer file's size is not known yet: a typical one
         limit = _max_length_limit(s["dim"], s["n_layers"], vocab, s["batch_size"])
@@ -436,6 +503,9 @@ def _train(args) -> None:
             tok = BPETokenizer.train(_texts_of(records), vocab_size=tok_arg)
         elif kind_tok == "file":
             tok = BPETokenizer.load(tok_arg)
+        elif kind_tok == "folder":
+            from .data import HFTokenizer
+            tok = HFTokenizer.from_folder(tok_arg)
         else:
             tok = ByteTokenizer()
         model = build_model(ModelConfig(vocab_size=tok.vocab_size, dim=s["dim"], n_layers=s["n_layers"],
@@ -471,7 +541,10 @@ def _train(args) -> None:
     position = (0, 0)
     if resume_from is not None:
         state, meta = checkpoint.load(resume_from, like=state)
-        checkpoint.check_meta(meta, {"kind": args.kind, "model_config": dataclasses.asdict(model.config)})
+        written = meta.get("model_config") or {}
+        same_model = _config_or_none(written) == model.config  # fields added since it was written: defaults
+        checkpoint.check_meta(meta, {"kind": args.kind,
+                                     **({} if same_model else {"model_config": dataclasses.asdict(model.config)})})
         position = tuple(meta.get("data_position") or (0, 0))
         if main:
             print(f"resuming {args.kind} at update {meta['step']} from {resume_from}, data position {position}")
@@ -482,7 +555,8 @@ def _train(args) -> None:
               "after update T_max (CosineAnnealingLR is periodic).")
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        record = {"kind": args.kind, "data": str(data_path), "init": init_path, "world_size": world, **s}
+        record = {"kind": args.kind, "data": str(data_path), "init": init_path, "model": model_path,
+                  "world_size": world, **s}
         _write_json(out / "config.json", record)
         if hasattr(tok, "save") and not (out / "tokenizer.json").exists():
             tok.save(out / "tokenizer.json")
@@ -504,10 +578,20 @@ def _train(args) -> None:
     trainer.fit(state, batches, s["steps"], eval_batches=eval_batches, eval_every=s["eval_every"] or 0,
                 out_dir=out, checkpoint_every=s["checkpoint_every"], keep_last=s["keep_last"],
                 max_skipped=s["max_skipped"], progress=not args.no_progress, reraise_interrupt=True,
-                meta={"tokenizer": tok.to_json(), "init": init_path})
+                meta={"tokenizer": tok.to_json(), "init": init_path, **hf_meta})
     if main:
         print(f"{args.kind}: checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'}")
     distributed.shutdown()
+
+
+def _config_or_none(fields: dict):
+    """The ModelConfig a checkpoint's meta describes, or None when it describes none."""
+    from .model import ModelConfig
+
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError):
+        return None
 
 
 def _texts_of(records) -> list[str]:
@@ -545,58 +629,97 @@ def unescape(text: str) -> str:
     return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
+def _load_source(args):
+    """(params, meta, model, tokenizer, label) of ``--ckpt RUN`` or ``--model HF_DIR``."""
+    if args.ckpt:
+        if args.dtype:
+            raise UsageError("--dtype applies to --model (a Hugging Face folder); drop it.")
+        state, meta, model, tok, folder = _load_checkpoint(args.ckpt)
+        return state, meta, model, tok, str(folder)
+    model, params, tok, meta = _load_hf(args.model, args.dtype)
+    return _Params(params), meta, model, tok, meta["hf_model"]
+
+
 def _generate(args) -> None:
-    from .generate import generate_text
+    from .generate import generate, generate_text
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
-    state, meta, model, tok, _ = _load_checkpoint(args.ckpt)
+    state, meta, model, tok, _ = _load_source(args)
     prompts = [unescape(p) for p in args.prompt]
-    texts = generate_text(model, state.params, tok, prompts, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    if args.chat:
+        if getattr(tok, "chat_template", None) is None:
+            raise UsageError(f"--chat needs a chat template, and the tokenizer of {args.ckpt or args.model} has "
+                             "none; drop --chat to continue the prompt as plain text.")
+        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+               for p in prompts]
+        rows = generate(model, state.params, ids, eos_id=tuple(getattr(tok, "eos_ids", None) or (tok.eos_id,)),
+                        pad_id=tok.pad_id, **sampling)
+        texts = [tok.decode(row) for row in rows]
+    else:
+        texts = generate_text(model, state.params, tok, prompts, **sampling)
     for prompt, text in zip(prompts, texts):
         print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))
 
 
 def _eval(args) -> None:
-    from .data import Batches, load_dataset
+    from .data import Batches, load_dataset, read_records
     from .trainers import create_trainer
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    state, meta, model, tok, folder = _load_checkpoint(args.ckpt)
-    trained_as = meta.get("kind", "pretrain")
+    state, meta, model, tok, label = _load_source(args)
+    trained_as = meta.get("kind")
     kind = args.kind or trained_as
+    if kind is None:  # a Hugging Face folder: score the data as the stage its records are for
+        kind = read_records(args.data)[0]
     settings = {}
     if kind == trained_as == "dpo":  # score with the loss the checkpoint was trained with
         tc = meta.get("trainer_config", {})
         settings = {k: tc[k] for k in ("beta", "loss_type", "label_smoothing", "gamma") if k in tc}
-    data = load_dataset(args.data, tok, model.config.max_seq_len, kind=kind)
+    data = load_dataset(args.data, tok, min(model.config.max_seq_len, 4096), kind=kind)
     trainer = create_trainer(kind, model, **settings)
     if kind == "dpo":
-        ref = _reference_params(args, meta, state, trained_as, folder)
+        ref = _reference_params(args, meta, state, trained_as, label)
         state = trainer.init(state.params)._replace(extras={"ref_params": ref} if ref is not None else {})
     else:
         state = trainer.init(state.params)
     result = trainer.evaluate(state, Batches(data, args.batch_size, shuffle=False, epochs=1))
-    print(json.dumps({"kind": kind, "checkpoint": str(folder), **result}))
+    print(json.dumps({"kind": kind, "checkpoint": label, **result}))
 
 
-def _reference_params(args, meta, state, trained_as, folder):
-    """The DPO reference: --ref, else the checkpoint's own frozen one, else the run's --init checkpoint."""
+def _reference_params(args, meta, state, trained_as, label):
+    """The DPO reference: --ref, else the checkpoint's own frozen one, else the model the run started from."""
     if args.ref:
         return _load_checkpoint(args.ref, "--ref")[0].params
-    if "ref_params" in state.extras:
+    if "ref_params" in getattr(state, "extras", {}):
         return state.extras["ref_params"]
     if trained_as == "dpo" and meta.get("trainer_config", {}).get("loss_type") == "simpo":
         return None
     if trained_as == "dpo":
-        init = meta.get("init")
-        if not init or not Path(init).exists():
-            raise UsageError(f"{folder} was trained against precomputed reference log-probs and its reference "
-                             f"checkpoint ({init or 'unknown'}) is not at hand; pass it with --ref CKPT.")
-        return _load_checkpoint(init, "the run's --init")[0].params
+        init, hf_model = meta.get("init"), meta.get("hf_model")
+        if init and Path(init).exists():
+            return _load_checkpoint(init, "the run's --init")[0].params
+        if hf_model and Path(hf_model).is_dir():
+            return _load_hf(hf_model, meta.get("hf_dtype"))[1]
+        raise UsageError(f"{label} was trained against precomputed reference log-probs and the model it started "
+                         f"from ({init or hf_model or 'unknown'}) is not at hand; pass it with --ref CKPT.")
     return state.params  # another stage's checkpoint: scored against itself (policy = reference, all ties)
+
+
+def _export(args) -> None:
+    import torch
+
+    from . import hf
+
+    state, meta, model, tok, folder = _load_checkpoint(args.ckpt)
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    out = hf.save_pretrained(args.out, model, state.params, tok, model_type=meta.get("hf_model_type"),
+                             max_shard_size=args.max_shard_size, dtype=dtype)
+    print(f"export: {folder} (update {meta.get('step')}) -> {out} "
+          f"({hf.SUPPORTED[meta.get('hf_model_type') or hf.model_type_of(model.config)]})")
 
 
 # --------------------------------------------------------------------------- main
@@ -630,6 +753,8 @@ def _run(args) -> None:
         _train(args)
     elif args.command == "generate":
         _generate(args)
+    elif args.command == "export":
+        _export(args)
     else:
         _eval(args)
 

@@ -184,7 +184,7 @@ def generate_text(model: Model, params: dict, tokenizer, prompts: Sequence[str],
     """Continue each text prompt; returns the generated text (without the prompt).
 
     Each prompt is encoded with ``tokenizer`` and prefixed with ``tokenizer.bos_id``
-    (when the tokenizer has one: Qwen's has none); ``eos_id`` defaults to the
+    when the tokenizer adds one to a text (``data.start_ids``: Qwen's and SmolLM2's do not); ``eos_id`` defaults to the
     tokenizer's end ids (``eos_ids`` when it has several) and ``pad_id`` to its pad.
     Other keyword arguments (``max_new_tokens`` is required) go to :func:`generate`.
 
@@ -196,6 +196,8 @@ def generate_text(model: Model, params: dict, tokenizer, prompts: Sequence[str],
         raise ValueError(f"generate_text: prompts must be a list of strings; wrap the one prompt: [{prompts!r}].")
     kwargs.setdefault("eos_id", tuple(getattr(tokenizer, "eos_ids", None) or (tokenizer.eos_id,)))
     kwargs.setdefault("pad_id", tokenizer.pad_id)
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    ids = [[*bos, *tokenizer.encode(text)] for text in prompts]
+    from .data import start_ids
+
+    first = start_ids(tokenizer)  # BOS when the tokenizer puts one before a text (Qwen's has none)
+    ids = [[*first, *tokenizer.encode(text)] for text in prompts]
     return [tokenizer.decode(row) for row in generate(model, params, ids, **kwargs)]
