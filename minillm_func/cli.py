@@ -96,6 +96,8 @@ TRAIN_SETTINGS = {
 RESUME_SAFE = {"steps", "epochs", "eval_data", "eval_every", "checkpoint_every", "keep_last", "max_skipped",
                "compile", "threads", "dist_timeout"}
 _MODEL_SHAPE = ("dim", "n_layers", "n_heads")
+# What config.json records as the tokenizer of a run that starts from a model.
+_FROM_SOURCE = {"--init": "checkpoint", "--model": "model"}
 
 
 # --------------------------------------------------------------------------- parsing
@@ -383,7 +385,7 @@ def _resolve(s: dict, kind: str, init_meta: dict | None, what: str = "--init") -
                 raise UsageError(f"{_flag(name)} {s[name]} conflicts with the {what} model, which has "
                                  f"{name} = {shape[name]}; the shape comes from {what}: drop {_flag(name)}.")
             s[name] = shape[name]
-        if s["tokenizer"] is not None:
+        if s["tokenizer"] not in (None, *_FROM_SOURCE.values()):  # the resolved value of a resumed run passes
             raise UsageError(f"--tokenizer conflicts with {what}: the tokenizer comes from {what}; "
                              "drop --tokenizer.")
         if s["max_length"] is None:
@@ -392,7 +394,7 @@ def _resolve(s: dict, kind: str, init_meta: dict | None, what: str = "--init") -
     for name, value in DEFAULT_SHAPE.items():
         s[name] = value if s[name] is None else s[name]
     s["max_length"] = DEFAULT_MAX_LENGTH if s["max_length"] is None else s["max_length"]
-    s["tokenizer"] = s["tokenizer"] or ("checkpoint" if init_meta is not None else "byte")
+    s["tokenizer"] = _FROM_SOURCE[what] if init_meta is not None else (s["tokenizer"] or "byte")
     if s["learning_rate"] is None:
         s["learning_rate"] = 5e-5 if kind == "sft" else 1e-4
     if s["schedule"] is None:

@@ -216,3 +216,85 @@ def test_sft_steps_on_a_loaded_model_export_to_equal_transformers_logits(saved, 
     ids, _ = batch(4)
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, model.apply(state.params, ids), rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cli_sft_from_a_folder_then_export_round_trips_through_transformers(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from minillm_func import checkpoint, cli
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    r = subprocess.run([sys.executable, str(root / "examples" / "hf_tiny_model.py"), "tiny"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    corpus = mf.demo_corpus(2, n_sft=24, n_dpo=16)
+    chats = [{"messages": [{"role": "user", "content": x["prompt"]}, {"role": "assistant", "content": x["completion"]}]}
+             for x in corpus.sft]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats))
+    pairs = [{"prompt": [{"role": "user", "content": x["prompt"]}], "chosen": x["chosen"], "rejected": x["rejected"]}
+             for x in corpus.dpo]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs))
+
+    def run(*argv):
+        code = cli.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    run("train", "sft", "--model", "tiny", "--data", "chat.jsonl", "--out", "sft", "--steps", "3",
+        "--batch-size", "4", "--learning-rate", "1e-2", "--no-progress")
+    cfg = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert cfg["model"] == str((tmp_path / "tiny").resolve()) and cfg["max_length"] == 256 and cfg["dim"] == 64
+    run("train", "sft", "--out", "sft", "--resume", "--steps", "4")  # settings and tokenizer from the run
+    state, meta = checkpoint.load(checkpoint.resolve(tmp_path / "sft"))
+    assert meta["step"] == 4 and meta["hf_model_type"] == "llama" and meta["tokenizer"]["type"] == "hf"
+    assert "exported" not in run("export", "--ckpt", "sft", "--out", "sft-hf")
+
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sft-hf").eval()
+    their_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "sft-hf")
+    model, params, tok = hf.load_pretrained(tmp_path / "sft-hf")
+    assert all(torch.equal(params[k], state.params[k]) for k in params)
+    messages = [{"role": "user", "content": "Q: reverse abc\nA: "}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert ids == their_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        torch.testing.assert_close(back(input_ids=x).logits, model.apply(params, x), rtol=0, atol=1e-4)
+
+    out = run("generate", "--model", "sft-hf", "--chat", "--prompt", "Q: reverse abc\\nA: ", "--max-new-tokens", "4")
+    assert json.loads(out)["prompt"] == "Q: reverse abc\nA: "
+    assert json.loads(run("eval", "--model", "tiny", "--data", "chat.jsonl"))["kind"] == "sft"
+
+    # DPO from the folder with precomputed reference log-probs: eval scores against the folder's weights.
+    run("train", "dpo", "--model", "tiny", "--data", "pairs.jsonl", "--out", "dpo", "--steps", "2", "--batch-size",
+        "4", "--precompute-reference", "true", "--learning-rate", "1e-2", "--no-progress")
+    got = json.loads(run("eval", "--ckpt", "dpo", "--data", "pairs.jsonl"))
+    policy, _ = checkpoint.load(checkpoint.resolve(tmp_path / "dpo"))
+    _, reference, _ = hf.load_pretrained(tmp_path / "tiny")
+    trainer = mf.create_trainer("dpo", model)
+    data = mf.load_dataset(tmp_path / "pairs.jsonl", tok, 256, kind="dpo")
+    expected = trainer.evaluate(trainer.init(policy.params)._replace(extras={"ref_params": reference}),
+                                mf.Batches(data, 32, shuffle=False, epochs=1))
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+
+
+def test_cli_model_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from minillm_func import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}))
+    (tmp_path / "empty").mkdir()
+    for argv, text in [(["train", "sft", "--model", "nowhere", "--data", "d.jsonl", "--out", "r"], "no such folder"),
+                       (["train", "sft", "--model", "empty", "--data", "d.jsonl", "--out", "r"], "config.json is missing"),
+                       (["train", "sft", "--model", "empty", "--init", "x", "--data", "d.jsonl", "--out", "r"],
+                        "give one"),
+                       (["generate", "--model", "empty", "--prompt", "x"], "config.json is missing")]:
+        code = cli.main(argv)
+        err = capsys.readouterr().err
+        assert code in (1, 2) and err.count("\n") == 1 and text in err, err
