@@ -298,3 +298,27 @@ def test_cli_model_errors_are_one_line(tmp_path, monkeypatch, capsys):
         code = cli.main(argv)
         err = capsys.readouterr().err
         assert code in (1, 2) and err.count("\n") == 1 and text in err, err
+
+
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """Peak resident memory of a fresh process over the load grows by about the weights' size, not twice it."""
+    import subprocess
+    import sys
+
+    model = mf.build_model(mf.ModelConfig(vocab_size=32000, dim=256, n_layers=4, n_heads=4, max_seq_len=64,
+                                          vocab_multiple=1))
+    hf.save_pretrained(tmp_path, model, model.init(0))
+    code = """
+import sys
+def peak():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
+from minillm_func import hf, build_model, ModelConfig
+build_model(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4))  # warm the imports and the meta module
+before = peak()
+model, params, _ = hf.load_pretrained(sys.argv[1], tokenizer=False)
+print(peak() - before, sum(p.numel() * p.element_size() for p in params.values()))
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    growth, weights = map(int, r.stdout.split())
+    assert weights > 40e6 and growth < 1.3 * weights, (growth, weights)
