@@ -52,19 +52,11 @@ from __future__ import annotations
 import torch
 
 from .losses import IGNORE_INDEX, _check_logits_labels, _normalise
+from .tree import under_transform
 
 __all__ = ["chunked_cross_entropy", "chunked_sequence_logps", "chunked_token_logps"]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _wrapped(*xs: torch.Tensor) -> bool:
-    """True inside ``torch.func`` transforms (and while ``torch.compile`` traces, which cannot
-    inspect the wrappers); there the chunk buffers are updated out of place (under a generated
-    ``vmap`` rule an in-place op on an unbatched buffer with a batched operand is an error)."""
-    if torch.compiler.is_compiling():
-        return True
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in xs)
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -171,7 +163,9 @@ class _TargetLogProbs(torch.autograd.Function):
         counted = labels != IGNORE_INDEX
         target = torch.where(counted, labels, 0)
         g = torch.where(counted, grad_logp, 0.0).to(lse.dtype)  # ignored tokens: exactly zero gradient
-        inplace = not _wrapped(hidden, weight, lse, g)
+        # Out of place under transforms: under a generated vmap rule an in-place op on an
+        # unbatched buffer with a batched operand is an error.
+        inplace = not under_transform(hidden, weight, lse, g)
         # Half-precision weights: the per-chunk weight gradients are summed in float32.
         grad_w = weight.new_zeros(weight.shape, dtype=lse.dtype) if need_w else None
         grad_h = []
@@ -202,7 +196,7 @@ class _SummedNLL(torch.autograd.Function):
         counted = labels != IGNORE_INDEX
         target = torch.where(counted, labels, 0)
         g = -counted.to(acc)  # d S / d logp
-        inplace = not _wrapped(hidden, weight)
+        inplace = not under_transform(hidden, weight)  # as in _TargetLogProbs.backward
         grad_w = weight.new_zeros(weight.shape, dtype=acc) if need_w else None
         grad_h, nll = [], []
         for s in range(0, hidden.shape[0], chunk):

@@ -7,7 +7,8 @@ apply_hidden)``:
 - ``apply(params, input_ids, attention_mask=None, *, checkpoint=False) -> logits``: a pure
   function (``torch.func.functional_call``), so the same params always give the same logits;
   ``checkpoint=True`` recomputes each block's activations in the backward pass instead
-  of keeping them (plain autograd only, not under ``torch.func`` transforms);
+  of keeping them (plain eager autograd only: not under ``torch.func`` transforms or
+  ``torch.compile``);
 - ``apply_hidden(params, input_ids, attention_mask=None, *, checkpoint=False) -> hidden``:
   the final normalised hidden states ``[B, T, dim]``, before the output projection.
   ``apply == apply_hidden @ output_weight(params).T``; feed it to
@@ -16,9 +17,11 @@ apply_hidden)``:
   -> (logits, new_cache)``: the same computation for incremental decoding. ``cache``
   holds the keys and values of the positions seen so far and is a plain value: it
   is never modified, a new one is returned (see :func:`empty_cache`);
-- ``module``: the ``nn.Module`` that defines the computation. It lives on the
+- ``module``: the :class:`Transformer` that defines the computation. It lives on the
   ``meta`` device and holds no weights of its own: it only names the params
   (``module.named_parameters()`` keys equal the params keys; tied weights appear once).
+  Its two paths share the blocks: ``forward`` / ``hidden`` (training: ``apply``,
+  ``apply_hidden``) and ``decode`` (the cache: ``apply_with_cache``);
 - ``to_module(params)``: a real ``nn.Module`` carrying a copy of ``params``, for
   running the same weights imperatively (baselines, parity tests, export).
 
@@ -53,7 +56,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .tree import under_transform
 
 __all__ = ["ModelConfig", "Model", "build_model", "Transformer", "KVCache", "empty_cache", "output_weight",
            "rotary_inv_freq"]
@@ -289,9 +295,28 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float, device,
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of each head vector of ``x`` ``[B, H, T, hd]`` by position."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """Rotate the two halves of each head vector of ``x`` ``[B, H, T, hd]`` by position.
+
+    ``cos``, ``sin``: ``[T, hd/2]`` (every row at the same positions) or ``[B, 1, T, hd/2]``.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # [B, H, T, hd/2] each, in float32
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def causal_mask(past: int, T: int, attention_mask: torch.Tensor | None = None, *, device=None) -> torch.Tensor:
+    """The boolean attention mask of ``T`` queries following ``past`` earlier positions.
+
+    Query ``t`` (absolute position ``past + t``) sees the keys ``0 .. past + t`` that are
+    not padding, and always itself: a padded query with no visible key would otherwise
+    produce a row of NaNs. ``[T, past + T]``, or ``[B, 1, T, past + T]`` (broadcast over
+    the heads) with an ``attention_mask`` ``[B, past + T]`` (1 = real token).
+    """
+    query = past + torch.arange(T, device=device)[:, None]  # [T, 1]
+    key = torch.arange(past + T, device=device)[None, :]    # [1, P + T]
+    mask = key <= query                                      # [T, P + T]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]  # [B, 1, T, P + T]
+    return mask | (key == query)
 
 
 class Attention(nn.Module):
@@ -309,32 +334,37 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, past_kv=None):
-        """Returns ``(output, (keys, values))``; the keys/values cover the past ones, if
-        given, followed by those of ``x`` (the layer's entry of the new cache)."""
+        """``x`` ``[B, T, dim]`` -> ``(output [B, T, dim], (keys, values))``.
+
+        The keys and values, ``[B, KV, P + T, hd]``, are the ``P`` past ones (``past_kv``,
+        when decoding) followed by those of ``x``: the layer's entry of the new cache.
+        ``mask``: ``None`` (plain causal), ``[T, P + T]`` or ``[B, 1, T, P + T]`` (true = attend).
+        Shapes below: ``H`` query heads, ``KV`` key/value heads, ``hd`` the head size.
+        """
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)                   # [B, T, H, hd]
+        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim)                  # [B, T, KV, hd]
+        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
         if self.q_norm is not None:  # before the rotation, as Qwen3 does
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                 # [B, H, T, hd], [B, KV, T, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if past_kv is not None:
             # The cache grows by concatenation: a new tensor each step, so the cache
             # passed in is never written to (a preallocated buffer updated in place
             # would have to be copied first to stay pure, which costs the same copy).
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
-        kv = (k, v)
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)  # [B, KV, P + T, hd]
+        kv = (k, v)  # cached before the repetition below: GQA caches H / KV times less
         if self.kv_heads != self.n_heads:  # grouped-query attention: share each k/v head
-            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
+            k = k.repeat_interleave(self.n_heads // self.kv_heads, dim=1)  # [B, H, P + T, hd]
             v = v.repeat_interleave(self.n_heads // self.kv_heads, dim=1)
         # Without a mask (no padding, no cache) the causal flag lets torch pick its fastest kernel.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), kv
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, H, T, hd]
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), kv     # [B, T, H * hd] -> [B, T, dim]
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``, ``[B, T, dim] -> [B, T, hidden_dim] -> [B, T, dim]``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -362,11 +392,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token ids ``[B, T]`` -> logits ``[B, T, padded_vocab_size]``.
+    """Token ids ``[B, T]`` -> logits ``[B, T, padded_vocab_size]``, by two paths through the same blocks.
 
-    With ``cache`` (a :data:`KVCache` of the ``P`` positions seen before), the forward
-    returns ``(logits, new_cache)`` where ``new_cache`` covers ``P + T`` positions;
-    ``attention_mask`` then spans all of them, ``[B, P + T]``.
+    - Training (and scoring) sees whole sequences from position 0: :meth:`forward` gives
+      the logits, :meth:`hidden` the final normalised hidden states before the output
+      projection; ``checkpoint=True`` recomputes each block in the backward pass.
+    - Decoding continues sequences: :meth:`decode` takes the :data:`KVCache` of the
+      ``P`` positions seen before and returns ``(logits, new_cache)``, the new cache
+      covering ``P + T`` positions.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -379,73 +412,62 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-               cache: KVCache | None = None, start_pos: int | torch.Tensor | None = None,
-               checkpoint: bool = False):
-        """The final normalised hidden states ``[B, T, dim]`` (before the output projection).
+    # ---- training: whole sequences
 
-        Token ``t`` of ``input_ids`` sits at rotary position ``start_pos + t``;
-        ``start_pos`` is an int or a per-row ``LongTensor[B]`` and defaults to the
-        cached length. Negative positions (left padding, which no real token attends
-        to) are clamped to 0. With ``cache``, returns ``(hidden, new_cache)``.
-        ``checkpoint=True`` runs each block under activation checkpointing (no cache).
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                checkpoint: bool = False) -> torch.Tensor:
+        """Logits ``[B, T, padded_vocab_size]``: :meth:`hidden`, then the output projection."""
+        return self.lm_head(self.hidden(input_ids, attention_mask, checkpoint=checkpoint))
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               checkpoint: bool = False) -> torch.Tensor:
+        """The final normalised hidden states ``[B, T, dim]`` of ``input_ids`` ``[B, T]`` at positions ``0 .. T-1``.
+
+        ``attention_mask`` ``[B, T]`` (1 = real token) hides padding from every query.
+        ``checkpoint=True`` runs each block under activation checkpointing
+        (:func:`_checkpointed_block`) when a backward pass can follow.
         """
-        if checkpoint and cache is not None:
-            raise ValueError("Transformer.hidden: checkpoint=True is for training; it does not combine with a cache.")
-        T, device = input_ids.shape[1], input_ids.device
-        past = 0 if cache is None else cache[0][0].shape[2]
-        if start_pos is None:
-            start_pos = past
-        rope = (self.cfg.head_dim, self.cfg.rope_theta)
-        if isinstance(start_pos, int) and start_pos == 0:
-            cos, sin = rotary_tables(T, *rope, device, self.cfg.rope_scaling)
-        else:
-            start = torch.as_tensor(start_pos, device=device)
-            positions = (start[..., None] + torch.arange(T, device=device)).clamp(min=0)  # [T] or [B, T]
-            cos, sin = rotary_angles(positions, *rope, self.cfg.rope_scaling)
-            if positions.dim() == 2:  # per-row positions: broadcast over the heads
-                cos, sin = cos[:, None], sin[:, None]
-        mask = None
-        if attention_mask is not None or past:
-            # Query t (absolute index past + t) sees keys 0 .. past + t that are not
-            # padding, and always itself: a padded query with no visible key would
-            # otherwise produce NaN rows.
-            query = past + torch.arange(T, device=device)[:, None]
-            key = torch.arange(past + T, device=device)[None, :]
-            mask = key <= query
-            if attention_mask is not None:
-                mask = mask & attention_mask.bool()[:, None, None, :]
-            mask = mask | (key == query)
-        x = self.tok_emb(input_ids)
+        cfg, T = self.cfg, input_ids.shape[1]
+        cos, sin = rotary_tables(T, cfg.head_dim, cfg.rope_theta, input_ids.device, cfg.rope_scaling)  # [T, hd/2]
+        # No padding: no mask, and attention runs with the causal flag (torch's fastest kernel).
+        mask = None if attention_mask is None else causal_mask(0, T, attention_mask, device=input_ids.device)
+        x = self.tok_emb(input_ids)  # [B, T, dim]
         if checkpoint and torch.is_grad_enabled():  # without a backward pass there is nothing to save
             for layer in self.layers:
                 x = _checkpointed_block(layer, x, cos, sin, mask)
-            return self.norm(x)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, mask, None if cache is None else cache[i])
-            new_cache.append(kv)
-        x = self.norm(x)
-        return x if cache is None else (x, tuple(new_cache))
+        else:
+            for layer in self.layers:
+                x, _ = layer(x, cos, sin, mask)
+        return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, start_pos: int | torch.Tensor | None = None,
-                return_hidden: bool = False, checkpoint: bool = False):
-        """Logits ``[B, T, padded_vocab_size]``, or ``(logits, new_cache)`` when ``cache`` is given.
+    # ---- decoding: continue from a cache
 
-        ``return_hidden=True`` stops before the output projection and returns the
-        hidden states ``[B, T, dim]`` (no cache); ``checkpoint=True`` recomputes each
-        block in the backward pass (no cache).
+    def decode(self, input_ids: torch.Tensor, cache: KVCache, start_pos: int | torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """``(logits [B, T, padded_vocab_size], new_cache)`` for ``input_ids`` ``[B, T]`` after ``P`` cached positions.
+
+        Token ``t`` sits at rotary position ``start_pos + t``: ``start_pos`` is an int or
+        a per-row ``LongTensor[B]`` (``-n_pad`` for a row with ``n_pad`` left pads) and
+        defaults to ``P``; negative positions (left padding, which no real token attends
+        to) are clamped to 0. ``attention_mask`` ``[B, P + T]`` covers cached and new
+        positions. ``cache`` is read, never written: the new one is built by concatenation.
         """
-        if return_hidden or checkpoint:
-            if cache is not None:
-                raise ValueError("Transformer.forward: return_hidden and checkpoint do not combine with a cache.")
-            h = self.hidden(input_ids, attention_mask, start_pos=start_pos, checkpoint=checkpoint)
-            return h if return_hidden else self.lm_head(h)
-        if cache is None:
-            return self.lm_head(self.hidden(input_ids, attention_mask, start_pos=start_pos))
-        h, new_cache = self.hidden(input_ids, attention_mask, cache=cache, start_pos=start_pos)
-        return self.lm_head(h), new_cache
+        cfg, T, device = self.cfg, input_ids.shape[1], input_ids.device
+        past = cache[0][0].shape[2]
+        start = torch.as_tensor(past if start_pos is None else start_pos, device=device)  # [] or [B]
+        positions = (start[..., None] + torch.arange(T, device=device)).clamp(min=0)  # [T] or [B, T]
+        cos, sin = rotary_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # [(B,) T, hd/2]
+        if positions.dim() == 2:  # per-row positions: broadcast over the heads
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, hd/2]
+        mask = None  # an empty cache and no padding: the causal flag, as in training
+        if attention_mask is not None or past:
+            mask = causal_mask(past, T, attention_mask, device=device)
+        x = self.tok_emb(input_ids)  # [B, T, dim]
+        new_cache = []
+        for layer, past_kv in zip(self.layers, cache, strict=True):
+            x, kv = layer(x, cos, sin, mask, past_kv)
+            new_cache.append(kv)
+        return self.lm_head(self.norm(x)), tuple(new_cache)
 
 
 def _checkpointed_block(layer: Block, x, cos, sin, mask):
@@ -527,14 +549,33 @@ def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig, attention_mask, who: s
 
 
 def _check_checkpoint(params: dict, input_ids: torch.Tensor, who: str) -> None:
-    """``torch.utils.checkpoint`` does not work under ``torch.func`` transforms: fail clearly up front."""
-    tensors = [p for p in params.values() if isinstance(p, torch.Tensor)] + [input_ids]
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+    """``torch.utils.checkpoint`` does not work under ``torch.func`` transforms: fail clearly up front.
+
+    Under ``torch.compile`` too, by :func:`~minillm_func.tree.under_transform`'s rule: the
+    tracer cannot tell a compiled ``torch.func.grad`` (where checkpointing fails with
+    "don't yet support saved tensor hooks") from compiled plain autograd. The library's
+    compiled step differentiates with ``torch.func.grad``, so there it is the former.
+    """
+    if under_transform(params, input_ids):
         raise RuntimeError(
-            f"{who}(..., checkpoint=True) was called inside a torch.func transform (grad, vmap, ...), "
-            "where torch.utils.checkpoint does not work. Differentiate with plain autograd instead: "
+            f"{who}(..., checkpoint=True) was called inside a torch.func transform (grad, vmap, ...) "
+            "or under torch.compile, where torch.utils.checkpoint does not work. Differentiate with "
+            "plain autograd, not compiled, instead: "
             "make_train_step(..., grad_path=\"autograd\") or value_and_grad(loss_fn, \"autograd\") "
             "(or torch.autograd.grad(loss, params)); or pass checkpoint=False.")
+
+
+def _call(method, params: dict, *args, **kwargs):
+    """``method(*args, **kwargs)``, a method of the (meta) module, with ``params`` swapped in.
+
+    ``torch.func.functional_call(module, params, args)`` is this same context manager
+    around ``module(*args)``, which always means ``forward``; calling :meth:`Transformer.hidden`
+    or :meth:`Transformer.decode` needs it spelled out. ``tie_weights=True`` as in
+    ``functional_call``: ``lm_head.weight`` follows ``tok_emb.weight`` when they are tied.
+    ``torch.compile`` traces this context manager as it traces ``functional_call``.
+    """
+    with _reparametrize_module(method.__self__, params, tie_weights=True):
+        return method(*args, **kwargs)
 
 
 def build_model(cfg: ModelConfig) -> Model:
@@ -611,15 +652,13 @@ def build_model(cfg: ModelConfig) -> Model:
         each block's input and the backward recomputes the block, trading about
         one extra forward pass for the activation memory of all but one block.
         Same values and gradients. It needs the plain-autograd gradient path
-        (``torch.autograd.grad`` / ``grad_path="autograd"``); under ``torch.func``
-        transforms it raises.
+        (``torch.autograd.grad`` / ``grad_path="autograd"``), not compiled; under
+        ``torch.func`` transforms and ``torch.compile`` it raises.
         """
         _check_ids(input_ids, cfg, attention_mask)
         if checkpoint:
             _check_checkpoint(params, input_ids, "model.apply")
-            return functional_call(module, params, (input_ids,),
-                                   {"attention_mask": attention_mask, "checkpoint": True})
-        return functional_call(module, params, (input_ids,), {"attention_mask": attention_mask})
+        return functional_call(module, params, (input_ids, attention_mask), {"checkpoint": checkpoint})
 
     def apply_hidden(params: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                      checkpoint: bool = False) -> torch.Tensor:
@@ -633,8 +672,7 @@ def build_model(cfg: ModelConfig) -> Model:
         _check_ids(input_ids, cfg, attention_mask, who="model.apply_hidden")
         if checkpoint:
             _check_checkpoint(params, input_ids, "model.apply_hidden")
-        return functional_call(module, params, (input_ids,),
-                               {"attention_mask": attention_mask, "return_hidden": True, "checkpoint": checkpoint})
+        return _call(module.hidden, params, input_ids, attention_mask, checkpoint=checkpoint)
 
     def apply_with_cache(params: dict, input_ids: torch.Tensor, cache: KVCache | None = None,
                          start_pos: int | torch.Tensor | None = None,
@@ -671,8 +709,7 @@ def build_model(cfg: ModelConfig) -> Model:
             raise ValueError(
                 f"model.apply_with_cache: start_pos should be an int or a tensor of shape ({B},), "
                 f"got shape {tuple(start_pos.shape)}.")
-        return functional_call(module, params, (input_ids,),
-                               {"attention_mask": attention_mask, "cache": cache, "start_pos": start_pos})
+        return _call(module.decode, params, input_ids, cache, start_pos, attention_mask)
 
     def to_module(params: dict) -> Transformer:
         """A real ``nn.Module`` holding a copy of ``params`` (for imperative use)."""

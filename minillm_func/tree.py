@@ -15,8 +15,8 @@ import torch
 PyTree = Any
 
 __all__ = [
-    "leaves", "unflatten_like", "tree_map", "zeros_like", "add", "sub", "scale", "global_norm",
-    "all_finite", "select", "cast", "num_params",
+    "leaves", "unflatten_like", "tree_map", "zeros_like", "add", "scale", "global_norm",
+    "all_finite", "select", "cast", "under_transform",
 ]
 
 
@@ -45,11 +45,6 @@ def add(a: PyTree, b: PyTree) -> PyTree:
     return tree_map(torch.add, a, b)
 
 
-def sub(a: PyTree, b: PyTree) -> PyTree:
-    """Leafwise ``a - b``."""
-    return tree_map(torch.sub, a, b)
-
-
 def scale(tree: PyTree, factor) -> PyTree:
     """Leafwise ``factor * x``; ``factor`` is a number or a 0-d tensor (no host sync)."""
     return tree_map(lambda x: x * factor, tree)
@@ -67,22 +62,47 @@ def global_norm(tree: PyTree) -> torch.Tensor:
         return torch.zeros(())
     if len({x.dtype for x in xs}) > 1:  # mixed dtypes: measure all in float32
         xs = [x.float() for x in xs]
-    if _functorch_wrapped(xs):  # foreach kernels have no vmap batching rule
+    if under_transform(xs):  # foreach kernels have no vmap batching rule
         norms = [torch.linalg.vector_norm(x) for x in xs]
     else:  # one fused kernel launch for all leaves, as clip_grad_norm_ does
         norms = torch._foreach_norm(xs)
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def _functorch_wrapped(xs: list) -> bool:
-    """True inside ``torch.func`` transforms (vmap, grad), where ``torch._foreach_*`` may not apply.
+def under_transform(*trees: PyTree) -> bool:
+    """True inside a ``torch.func`` transform or while ``torch.compile`` traces; False in plain eager code.
 
-    Under ``torch.compile`` it answers False without asking (the compiler cannot trace
-    the query, and callers there take their per-leaf path anyway).
+    The one question behind every "fast path or safe path?" choice in the library:
+    fused multi-tensor kernels (``torch._foreach_*``, fused AdamW), in-place updates of
+    scratch buffers and ``torch.utils.checkpoint`` are only valid on plain eager tensors;
+    the per-tensor, out-of-place path is valid everywhere.
+
+    - ``grad``, ``grad_and_value``, ``vmap`` (and the other ``torch.func`` transforms) wrap
+      the tensors they differentiate or batch, and everything computed from them: true when
+      any tensor leaf of ``trees`` is such a functorch-wrapped tensor. A tensor the transform
+      never saw (a constant closed over) is plain, so pass the tensors the choice is about.
+      Non-tensor leaves are ignored. Costs a flatten and one C++ query per leaf, no host sync.
+    - The rule for ``torch.compile``: while it traces, the answer is **True**, whatever the
+      tensors. The tracer cannot inspect a functorch wrapper (the query would break the
+      graph), so it cannot tell a compiled ``torch.func.grad`` from compiled plain autograd,
+      and the path valid inside transforms is the one that is valid in both. Little is
+      lost: the compiler generates (and fuses) its own kernels for the per-leaf ops.
+
+    Example::
+
+        under_transform(params)                                    # False
+        torch.func.grad(lambda p: ... under_transform(p) ...)      # True inside
+        torch.compile(lambda x: ... under_transform(x) ...)        # True while tracing
     """
     if torch.compiler.is_compiling():
-        return False
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in xs)
+        return True
+    return any(isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x)
+               for x in leaves(trees))
+
+
+# Private alias for step.py and optim.py until they call under_transform; same answers there
+# (both already treated compilation as "wrapped").
+_functorch_wrapped = under_transform
 
 
 def all_finite(tree: PyTree) -> torch.Tensor:
@@ -105,8 +125,3 @@ def select(pred: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:
 def cast(tree: PyTree, dtype: torch.dtype) -> PyTree:
     """Floating-point leaves converted to ``dtype``; integer and bool leaves kept."""
     return tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, tree)
-
-
-def num_params(tree: PyTree) -> int:
-    """Total number of elements over all leaves."""
-    return sum(x.numel() for x in leaves(tree))

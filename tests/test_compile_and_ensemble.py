@@ -96,3 +96,22 @@ def test_an_ensemble_of_learning_rates_held_in_the_state():
 def test_stack_rejects_nothing_to_stack():
     with pytest.raises(ValueError, match="no trees"):
         ensemble.stack([])
+
+
+def test_under_transform_is_true_inside_grad_vmap_and_compile_and_false_outside():
+    x, constant = torch.ones(3), torch.ones(3)
+    seen = {}
+
+    def record(name, tree):
+        seen[name] = T.under_transform(tree)
+        return sum(t.sum() for t in T.leaves(tree) if isinstance(t, torch.Tensor))
+
+    record("eager", {"w": x, "n": 3})  # a pytree; non-tensor leaves are ignored
+    torch.func.grad(lambda p: record("grad", p))({"w": x})
+    torch.func.vmap(lambda row: record("vmap", row))(x[:, None])
+    torch.func.grad(lambda v: v.sum() + 0 * record("constant under grad", constant))(x)
+    assert seen == {"eager": False, "grad": True, "vmap": True, "constant under grad": False}
+    # While torch.compile traces, the answer is True whatever the tensors (the bool is baked into the graph).
+    compiled = torch.compile(lambda v: v + T.under_transform(v), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), x + 1)
+    assert not T.under_transform(x, [constant], None)

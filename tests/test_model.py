@@ -1,6 +1,6 @@
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import pytest
 import torch
@@ -549,3 +549,59 @@ def test_head_size_lifts_the_divisibility_rule():
 def test_bad_new_options_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         mf.ModelConfig(vocab_size=10, **{"dim": 32, "n_heads": 4, **kwargs})
+
+
+def test_build_model_documents_every_config_field():
+    documented = mf.build_model.__doc__
+    missing = [f.name for f in fields(mf.ModelConfig) if f"``{f.name}``:" not in documented]
+    assert not missing, f"build_model's docstring does not describe {missing}"
+
+
+# --------------------------------------------------------------------------- pinned numbers
+
+PINNED_CFG = dict(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+
+
+def pinned_setup():
+    model = mf.build_model(mf.ModelConfig(**PINNED_CFG))
+    params = model.init(0, dtype=torch.float64)
+    params = {k: v if k.endswith("norm.weight") else v * 10 for k, v in params.items()}
+    ids = torch.arange(12).reshape(2, 6) * 7 % 50
+    return model, params, ids
+
+
+def test_pinned_values_for_a_fixed_seed():
+    """Numbers recorded from the model before a refactoring (float64, so BLAS summation order
+    does not show): a change of computation order, not just of structure, makes this fail."""
+    model, params, ids = pinned_setup()
+
+    def check(actual, recorded):
+        torch.testing.assert_close(actual, torch.tensor(recorded, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+    logits = model.apply(params, ids)
+    check(logits[0, -1, :4], [0.5186428672125115, 0.16589181426859814, 2.409750906847429, -1.1453463980728298])
+    check(logits[1, 2, 10:13], [0.6150735793501035, -0.7586028999908768, 0.10508645294496334])
+    left_padded = model.apply(params, ids, torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]))
+    check(left_padded[1, -1, :3], [-0.6036720056973707, -0.7778049625092635, 0.23579094546261223])
+    grads = torch.func.grad(lambda p: mf.pretrain_loss(model.apply(p, ids), ids.roll(-1, 1)))(params)
+    check(grads["layers.1.attn.wk.weight"][0, :3],
+          [-0.014226831351999673, 0.0012747214734828986, -0.018889190308217375])
+    _, cache = model.apply_with_cache(params, ids[:, :4])
+    step, _ = model.apply_with_cache(params, ids[:, 4:5], cache)
+    check(step[0, 0, :3], [-0.021193629787158885, 2.8233596579159688, 0.9734963061795957])
+
+
+def test_the_modules_training_and_decoding_paths_agree():
+    """Transformer.forward / hidden (whole sequences) and Transformer.decode (from a cache) share the blocks."""
+    model, params, ids = pinned_setup()
+    module = model.to_module(params)
+    cfg = model.config
+    with torch.no_grad():
+        logits = module(ids)
+        torch.testing.assert_close(module.hidden(ids) @ module.lm_head.weight.T, logits, rtol=0, atol=1e-12)
+        first, cache = module.decode(ids[:, :4], mf.model.empty_cache(cfg, 2, dtype=torch.float64))
+        rest, cache = module.decode(ids[:, 4:], cache)
+    torch.testing.assert_close(torch.cat([first, rest], 1), logits, rtol=0, atol=1e-12)
+    assert cache[0][0].shape == (2, cfg.kv_heads, 6, cfg.head_dim)
+    with pytest.raises(TypeError):  # a cache is for decode; checkpointing is for training
+        module(ids, cache=cache)

@@ -173,15 +173,15 @@ def test_checkpoint_under_torch_func_raises_a_clear_error():
     autograd_grads(lambda p: model.apply(p, ids, checkpoint=True).sum(), params)
 
 
-def test_checkpoint_does_not_combine_with_a_cache():
+def test_checkpoint_under_torch_compile_raises_the_same_clear_error():
+    """By tree.under_transform's rule: the tracer cannot tell a compiled torch.func.grad from autograd."""
     cfg = mf.ModelConfig(vocab_size=20, dim=8, n_layers=1, n_heads=2, max_seq_len=8)
     model = mf.build_model(cfg)
-    module = model.to_module(model.init(0))
+    params = model.init(0)
     ids = torch.zeros(1, 3, dtype=torch.long)
-    cache = mf.model.empty_cache(cfg, 1)
-    for kw in ({"checkpoint": True}, {"return_hidden": True}):
-        with pytest.raises(ValueError, match="cache"):
-            module(ids, cache=cache, **kw)
+    for apply in (model.apply, model.apply_hidden):
+        with pytest.raises(RuntimeError, match="torch.compile"):
+            torch.compile(lambda p: apply(p, ids, checkpoint=True).sum(), backend="eager")(params)
 
 
 def test_model_keeps_its_positional_construction_and_new_field_defaults_to_none():
