@@ -75,7 +75,7 @@ def make_variant(name, model, params, batch):
     trainer = mf.create_trainer("dpo", model, precomputed_reference=precomputed)
     if precomputed:
         with torch.no_grad():
-            rc, rr, _, _ = mf.trainers._pair_logps(model.apply, params, batch)
+            rc, rr, _, _ = mf.objectives.pair_logps(model.apply, params, batch)
         batch = {**batch, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
     box = [trainer.init(params)]
 

@@ -39,10 +39,11 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from .stages import KINDS, default_learning_rate
+
 __all__ = ["main", "UsageError", "TRAIN_SETTINGS"]
 
 PROG = "minillm-func"
-KINDS = ("pretrain", "sft", "dpo")
 DEFAULT_STEPS = 1000
 DEFAULT_MAX_LENGTH = 256
 DEFAULT_HF_MAX_LENGTH = 1024
@@ -396,7 +397,7 @@ def _resolve(s: dict, kind: str, init_meta: dict | None, what: str = "--init") -
     s["max_length"] = DEFAULT_MAX_LENGTH if s["max_length"] is None else s["max_length"]
     s["tokenizer"] = _FROM_SOURCE[what] if init_meta is not None else (s["tokenizer"] or "byte")
     if s["learning_rate"] is None:
-        s["learning_rate"] = 5e-5 if kind == "sft" else 1e-4
+        s["learning_rate"] = default_learning_rate(kind)
     if s["schedule"] is None:
         s["schedule"] = "warmup_cosine" if s["warmup_steps"] > 0 else "cosine"
     if s["steps"] is not None and s["epochs"] is not None:
@@ -439,7 +440,8 @@ def _train(args) -> None:
     from . import checkpoint, distributed, schedules
     from .data import Batches, BPETokenizer, ByteTokenizer, load_dataset, read_records
     from .model import ModelConfig, build_model
-    from .trainers import add_reference_logps, create_trainer
+    from .objectives import add_reference_logps
+    from .trainers import create_trainer
 
     out = Path(args.out)
     given, source = _given_settings(args)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .labels import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX", "pretrain_loss", "sft_masked_loss", "sequence_logps", "dpo_loss", "DPO_LOSS_TYPES",
 ]
 
-IGNORE_INDEX = -100
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 
 

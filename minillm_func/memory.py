@@ -22,7 +22,6 @@ import sys
 
 import torch
 
-from . import tree as T
 
 __all__ = ["MemoryConfig", "MemoryMonitor", "DynamicBatchSizer", "is_out_of_memory", "split_batch"]
 
@@ -142,15 +141,15 @@ def split_batch(batch: dict, size: int) -> list[dict]:
 
 
 class DynamicBatchSizer:
-    """Run a train step, splitting the micro-batch in halves whenever it runs out of memory.
+    """Run a window step, splitting its micro-batches in halves whenever it runs out of memory.
 
-    ``sizer(step, state, batch)`` works with a step from ``make_train_step``:
-    it sums the pieces' unnormalised gradients, counts and losses
-    (``step.micro_grads``) and applies them once (``step.apply_grads``), so the
-    new state is the one the unsplit batch would have given. The size that
-    worked is remembered (``micro_batch``) and used for the next batches. Below
-    ``min_micro_batch`` it raises a ``RuntimeError`` naming every size tried;
-    a batch is never dropped.
+    ``sizer(window_step, state, micro_batches)`` works with a step from
+    ``make_window_step`` (``Trainer.run_window`` calls it so): the pieces of every
+    micro-batch become the window, whose gradients, counts and losses the window
+    step sums before its one update -- so the new state and the metrics are the
+    ones the unsplit batches would have given. The size that worked is remembered
+    (``micro_batch``) and used for the next windows. Below ``min_micro_batch`` it
+    raises a ``RuntimeError`` naming every size tried; a batch is never dropped.
     """
 
     def __init__(self, min_micro_batch: int = 1):
@@ -159,14 +158,16 @@ class DynamicBatchSizer:
         self.min_micro_batch = min_micro_batch
         self.micro_batch: int | None = None  # None: whole batches have fit so far
 
-    def __call__(self, step, state, batch: dict):
-        rows = next(iter(batch.values())).shape[0]
+    def __call__(self, step, state, micro_batches):
+        if isinstance(micro_batches, dict):  # one batch
+            micro_batches = [micro_batches]
+        rows = max(next(iter(b.values())).shape[0] for b in micro_batches)
         size = min(self.micro_batch or rows, rows)
         tried = []
         while True:
             tried.append(size)
             try:
-                result = self._run(step, state, batch, size)
+                result = self._run(step, state, micro_batches, size)
                 if size < rows:
                     self.micro_batch = size
                 return result
@@ -184,16 +185,5 @@ class DynamicBatchSizer:
                 size = max(self.min_micro_batch, size // 2)
 
     @staticmethod
-    def _run(step, state, batch, size):
-        pieces = split_batch(batch, size)
-        if len(pieces) == 1:
-            return step(state, batch)
-        total = None
-        for piece in pieces:
-            grads, count, loss_sum, aux = step.micro_grads(state, piece)
-            weighted = {k: v * count for k, v in aux.items()}  # metrics are means over the piece
-            part = (grads, count, loss_sum, weighted)
-            total = part if total is None else T.tree_map(torch.add, total, part)
-        grads, count, loss_sum, weighted = total
-        aux = {k: v / count.clamp_min(1) for k, v in weighted.items()}
-        return step.apply_grads(state, grads, count, loss_sum, aux)
+    def _run(step, state, micro_batches, size):
+        return step(state, [piece for batch in micro_batches for piece in split_batch(batch, size)])

@@ -17,7 +17,7 @@ all (see ``accumulate.py``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ from .accumulate import AccumState, accum_add, accum_init, accum_ready, accum_re
 from .optim import ClipState, Transform
 from .optim import step as optim_step
 
-__all__ = ["TrainState", "make_train_step", "init_train_state", "value_and_grad"]
+__all__ = ["TrainState", "make_train_step", "make_window_step", "init_train_state", "value_and_grad"]
 
 # loss_fn(params, batch, extras) -> (summed loss, (count, metrics dict))
 LossFn = Callable[[dict, dict, dict], tuple]
@@ -87,8 +87,7 @@ def value_and_grad(loss_fn: LossFn, path: str = "auto") -> Callable:
     def run(params, *args):
         chosen = path
         if chosen == "auto":
-            wrapped = torch.compiler.is_compiling() or T._functorch_wrapped(T.leaves(params))
-            chosen = "func" if wrapped else "autograd"
+            chosen = "func" if T.under_transform(params) else "autograd"
         if chosen == "func":
             grads, (loss, aux) = func_grad(params, *args)
             return (loss, aux), grads
@@ -97,36 +96,15 @@ def value_and_grad(loss_fn: LossFn, path: str = "auto") -> Callable:
     return run
 
 
-def make_train_step(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps: int = 1,
-                    loss_scaling: bool = False, lr_schedule: Callable | None = None,
-                    grad_path: str = "auto", sync: Callable | None = None) -> Callable[[TrainState, dict], tuple]:
-    """Build the pure ``step(state, batch) -> (new_state, metrics)``.
+class _Core(NamedTuple):
+    """The two halves every step is made of (shared by the micro-step and the window step)."""
 
-    Args:
-        loss_fn: ``(params, batch, extras) -> (summed_loss, (count, metrics))``;
-            ``summed_loss`` is the sum over the micro-batch's counted tokens (or pairs)
-            and ``count`` their number, a 0-d tensor.
-        optimizer: a gradient transformation (usually ``chain(clip, adamw)``).
-        accumulation_steps: micro-batches per optimizer update (k). With k > 1 the
-            optimizer update is computed at every micro-step and kept only on the
-            k-th (a select, not a branch): its cost is small next to a forward and
-            backward pass unless micro-batches hold only a handful of tokens.
-        loss_scaling: differentiate ``loss * scale`` and unscale, as GradScaler does
-            (for float16 compute; bfloat16 does not need it).
-        lr_schedule: ``step -> lr``, only to report the learning rate in the metrics.
-        grad_path: see :func:`value_and_grad`.
-        sync: ``(grads, count, loss_sum) -> (grads, count, loss_sum)``, applied to the
-            micro-batch's *unnormalised* gradient before anything else; data
-            parallelism sums all three over ranks here, so the normaliser is the
-            global count and every rank takes the same update.
+    grads: Callable  # (state, batch) -> (unnormalised grads, count, summed loss, metrics)
+    apply: Callable  # (state, grads, count, loss_sum, metrics, *, accumulate) -> (new state, metrics)
 
-    Metrics (0-d tensors; reading them is the caller's host sync): ``loss`` (this
-    micro-batch's mean), ``tokens`` (its count), ``grad_norm`` (pre-clip norm of
-    the last update), ``lr``, ``scale``, ``skipped`` (non-finite gradient),
-    ``updated`` (an optimizer update happened), plus the loss's own metrics.
-    """
-    if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-        raise ValueError(f"make_train_step: accumulation_steps must be a positive int, got {accumulation_steps!r}.")
+
+def _core(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps: int, loss_scaling: bool,
+          lr_schedule: Callable | None, grad_path: str) -> _Core:
     k = accumulation_steps
 
     def scaled_loss(params, batch, extras, scale):
@@ -135,30 +113,28 @@ def make_train_step(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps
 
     grad_fn = value_and_grad(scaled_loss, grad_path)
 
-    def micro_grads(state: TrainState, batch: dict):
-        """The micro-batch's unnormalised (scaled) gradient, count, summed loss and metrics."""
-        (_, (loss_sum, (count, aux))), grads = grad_fn(state.params, batch, state.extras, state.scaler.scale)
-        if sync is not None:  # e.g. data parallel: sum grads, counts and losses over ranks
-            grads, count, loss_sum = sync(grads, count, loss_sum)
-        return grads, count, loss_sum, aux
+    def grads(state: TrainState, batch: dict):
+        (_, (loss_sum, (count, aux))), g = grad_fn(state.params, batch, state.extras, state.scaler.scale)
+        return g, count, loss_sum, aux
 
-    def apply_grads(state: TrainState, grads, count, loss_sum, aux):
-        """Unscale, check, accumulate and (at the window's end) update: the rest of the step."""
+    def apply(state: TrainState, grads, count, loss_sum, aux, *, accumulate: bool):
+        """Unscale, check, (accumulate,) update: ``accumulate`` adds to the state's window and
+        updates only when it is full; otherwise ``grads`` are a whole window's."""
         if loss_scaling:
             grads, found_inf = amp.unscale(state.scaler, grads)
         else:
             found_inf = ~T.all_finite(grads)
-        if k == 1:  # a window of one micro-batch: no accumulator traffic
-            accum, ready = state.accum, torch.ones((), dtype=torch.bool)
-            window = T.tree_map(lambda g: g / count.clamp_min(1).to(g.dtype), grads)
-        else:
+        if accumulate:
             accum = accum_add(state.accum, grads, count)
             ready = accum_ready(accum, k)
             window = accum_result(accum)
+        else:  # a whole window at once: no accumulator traffic
+            accum, ready = state.accum, torch.ones((), dtype=torch.bool)
+            window = T.tree_map(lambda g: g / count.clamp_min(1).to(g.dtype), grads)
         new_params, new_opt = optim_step(optimizer, window, state.opt_state, state.params)
         update = ready & ~found_inf
         params, opt_state = T.select(update, (new_params, new_opt), (state.params, state.opt_state))
-        if k > 1:
+        if accumulate:
             accum = T.select(found_inf, state.accum, T.select(ready, accum_reset(accum), accum))
         scaler = amp.scaler_update(state.scaler, found_inf) if loss_scaling else state.scaler
         new_state = TrainState(state.step + update.long(), params, opt_state, scaler, accum, state.extras)
@@ -174,13 +150,111 @@ def make_train_step(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps
         }
         return new_state, metrics
 
-    def step(state: TrainState, batch: dict):
-        return apply_grads(state, *micro_grads(state, batch))
+    return _Core(grads, apply)
 
-    # The two halves, for callers that split a batch themselves (memory.DynamicBatchSizer):
-    # summing micro_grads over the pieces and applying once is the same update.
-    step.micro_grads, step.apply_grads = micro_grads, apply_grads
+
+def _check_k(accumulation_steps) -> None:
+    if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"make_train_step: accumulation_steps must be a positive int, got {accumulation_steps!r}.")
+
+
+def make_train_step(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps: int = 1,
+                    loss_scaling: bool = False, lr_schedule: Callable | None = None,
+                    grad_path: str = "auto", sync: Callable | None = None) -> Callable[[TrainState, dict], tuple]:
+    """Build the pure micro-step ``step(state, batch) -> (new_state, metrics)``.
+
+    Args:
+        loss_fn: ``(params, batch, extras) -> (summed_loss, (count, metrics))``;
+            ``summed_loss`` is the sum over the micro-batch's counted tokens (or pairs)
+            and ``count`` their number, a 0-d tensor.
+        optimizer: a gradient transformation (usually ``chain(clip, adamw)``).
+        accumulation_steps: micro-batches per optimizer update (k). With k > 1 each
+            call adds one micro-batch to the accumulator in ``state.accum``; the
+            update is kept on the k-th call by a select, not a branch, so the
+            optimizer is *computed* on every call. When the k micro-batches are at
+            hand, :func:`make_window_step` runs the optimizer once per window
+            instead (``Trainer.fit`` does).
+        loss_scaling: differentiate ``loss * scale`` and unscale, as GradScaler does
+            (for float16 compute; bfloat16 does not need it).
+        lr_schedule: ``step -> lr``, only to report the learning rate in the metrics.
+        grad_path: see :func:`value_and_grad`.
+        sync: ``(grads, count, loss_sum) -> (grads, count, loss_sum)``, applied to the
+            micro-batch's *unnormalised* gradient before anything else; data
+            parallelism sums all three over ranks here, so the normaliser is the
+            global count and every rank takes the same update.
+
+    Metrics (0-d tensors; reading them is the caller's host sync): ``loss`` (this
+    micro-batch's mean), ``tokens`` (its count), ``grad_norm`` (pre-clip norm of
+    the last update), ``lr``, ``scale``, ``skipped`` (non-finite gradient),
+    ``updated`` (an optimizer update happened), plus the loss's own metrics.
+    """
+    _check_k(accumulation_steps)
+    core = _core(loss_fn, optimizer, accumulation_steps=accumulation_steps, loss_scaling=loss_scaling,
+                 lr_schedule=lr_schedule, grad_path=grad_path)
+
+    def step(state: TrainState, batch: dict):
+        grads, count, loss_sum, aux = core.grads(state, batch)
+        if sync is not None:  # e.g. data parallel: sum grads, counts and losses over ranks
+            grads, count, loss_sum = sync(grads, count, loss_sum)
+        return core.apply(state, grads, count, loss_sum, aux, accumulate=accumulation_steps > 1)
+
     return step
+
+
+def make_window_step(loss_fn: LossFn, optimizer: Transform, *, loss_scaling: bool = False,
+                     lr_schedule: Callable | None = None, grad_path: str = "auto",
+                     sync: Callable | None = None) -> Callable[[TrainState, Sequence[dict]], tuple]:
+    """Build the pure window step ``step(state, micro_batches) -> (new_state, metrics)``: one update per window.
+
+    The gradients of the micro-batches' *summed* losses are added up, with their
+    counts; the sum is divided once by the window's total count, then clipped,
+    and the optimizer and schedule run once -- exactly the update of one batch
+    holding every micro-batch, whatever their lengths (levanter's accumulation).
+    ``sync`` (data parallelism) runs once per window, on the sums. The loop over
+    ``micro_batches`` is over a Python list, not over tensor values: it unrolls
+    under ``torch.compile`` and runs unchanged under ``vmap``.
+
+    A window whose summed gradient is not finite is skipped whole, as
+    ``GradScaler`` skips an accumulated step: params, optimizer state, step and
+    accumulator come back bit-identical, and only the loss scaler backs off.
+    ``state.accum`` is neither read nor written (see :func:`make_train_step` for
+    feeding micro-batches one call at a time).
+
+    Metrics as :func:`make_train_step`'s, over the window: ``loss`` is its
+    token-weighted mean, ``tokens`` its count, the loss's own metrics are
+    count-weighted means over the micro-batches.
+    """
+    core = _core(loss_fn, optimizer, accumulation_steps=1, loss_scaling=loss_scaling, lr_schedule=lr_schedule,
+                 grad_path=grad_path)
+
+    def step(state: TrainState, micro_batches: Sequence[dict]):
+        if not micro_batches:
+            raise ValueError("window step: got no micro-batch; pass a list of at least one batch dict.")
+        total = count = loss_sum = weighted = None
+        for batch in micro_batches:
+            grads, n, ls, aux = core.grads(state, batch)
+            if total is None:  # the first micro-batch's gradients are fresh tensors: ours to add into
+                total, count, loss_sum, weighted = grads, n, ls, {k: v * n for k, v in aux.items()}
+                continue
+            total = _add_into(total, grads)
+            count, loss_sum = count + n, loss_sum + ls
+            weighted = {k: weighted[k] + v * n for k, v in aux.items()}
+        if sync is not None:
+            total, count, loss_sum = sync(total, count, loss_sum)
+        aux = {k: v / count.clamp_min(1) for k, v in weighted.items()}
+        return core.apply(state, total, count, loss_sum, aux, accumulate=False)
+
+    return step
+
+
+def _add_into(total, grads):
+    """``total + grads``; in place on ``total`` (fresh gradient tensors the window step owns) in eager
+    mode, which saves one gradient-sized allocation per micro-batch, out of place under transforms."""
+    leaves, new = T.leaves(total), T.leaves(grads)
+    if T.under_transform(total, grads):
+        return T.add(total, grads)
+    torch._foreach_add_(leaves, new)
+    return total
 
 
 def _clip_norm(opt_state) -> torch.Tensor:

@@ -114,15 +114,15 @@ def test_ctrl_c_inside_an_accumulation_window_saves_the_last_update_boundary(tmp
     params = model.init(0)
     straight = trainer.fit(trainer.init(params), mf.Batches(data(), 4, seed=3), 4, progress=False)
 
-    step, calls = trainer.step, []
+    window_step, calls = trainer.window_step, []
 
-    def interrupted_step(state, batch):  # Ctrl-C arrives inside the 6th micro-step (update 3's second half)
+    def interrupted(state, micro_batches):  # Ctrl-C arrives inside the 3rd window (its 2 batches already drawn)
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) == 3:
             raise KeyboardInterrupt
-        return step(state, batch)
+        return window_step(state, micro_batches)
 
-    cut = dataclasses.replace(trainer, step=interrupted_step)
+    cut = dataclasses.replace(trainer, window_step=interrupted)
     returned = cut.fit(cut.init(params), mf.Batches(data(), 4, seed=3), 4, out_dir=tmp_path, progress=False)
     saved, meta = checkpoint.load(checkpoint.resolve(tmp_path), like=trainer.init(params))
     assert meta["step"] == 2 and meta["data_position"] == [0, 4]
@@ -137,7 +137,7 @@ def test_ctrl_c_inside_an_accumulation_window_saves_the_last_update_boundary(tmp
 def test_fit_stops_after_max_skipped_non_finite_steps_and_saves_nothing_non_finite(tmp_path, lr):
     model = mf.build_model(CFG)
     trainer = mf.create_trainer("pretrain", model, learning_rate=lr)
-    with pytest.raises(mf.trainers.NonFiniteError, match="5 consecutive micro-steps had non-finite") as e:
+    with pytest.raises(mf.trainers.NonFiniteError, match="5 consecutive windows had non-finite") as e:
         trainer.fit(trainer.init(model.init(0)), mf.Batches(data(), 4), 10_000, out_dir=tmp_path,
                     checkpoint_every=1, max_skipped=5, progress=False)
     assert "last finite loss was" in str(e.value) and "learning rate" in str(e.value)

@@ -38,9 +38,10 @@ def test_a_split_batch_gives_the_unsplit_update(kind, limit, accumulation):
     split = mf.create_trainer(kind, model, accumulation_steps=accumulation, loss_fn=loss_fn,
                               memory=mf.MemoryConfig(dynamic_batch=True))
     s1, s2 = plain.init(params), split.init(params)
-    for b in batches:
-        s1, m1 = plain.step(s1, b)
-        s2, m2 = split.run_step(s2, b)
+    for w in range(0, len(batches), accumulation):  # one update per window of `accumulation` batches
+        window = batches[w:w + accumulation]
+        s1, m1 = plain.window_step(s1, window)
+        s2, m2 = split.run_window(s2, window)
         torch.testing.assert_close(m2["loss"], m1["loss"], rtol=1e-10, atol=1e-12)
         assert m2["tokens"].item() == m1["tokens"].item()
     for k in params:

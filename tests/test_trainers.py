@@ -165,7 +165,7 @@ def test_precomputed_reference_logps_give_the_same_dpo_step():
     model = mf.build_model(cfg)
     params = model.init(4)
     ds = mf.PreferenceDataset(mf.demo_corpus(0, n_dpo=8).dpo, tok, 32)
-    with_ref = mf.trainers.add_reference_logps(model, params, ds, batch_size=3)
+    with_ref = mf.objectives.add_reference_logps(model, params, ds, batch_size=3)
     live = mf.create_trainer("dpo", model)
     pre = mf.create_trainer("dpo", model, precomputed_reference=True)
     b_live = next(iter(mf.Batches(ds, 8, shuffle=False)))

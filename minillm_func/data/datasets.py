@@ -40,7 +40,7 @@ from typing import Sequence
 
 import torch
 
-from ..losses import IGNORE_INDEX
+from ..labels import IGNORE_INDEX
 
 __all__ = [
     "LanguageModelingDataset", "ConversationDataset", "PreferenceDataset", "ROLES",

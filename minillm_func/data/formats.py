@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..stages import KINDS
 from .datasets import (RECORD_FIELDS, ConversationDataset, LanguageModelingDataset, PreferenceDataset,
                        validate_record)
 
 __all__ = ["read_records", "detect_kind", "load_dataset", "records_from_hf", "KINDS"]
 
-KINDS = ("pretrain", "sft", "dpo")
 
 
 def detect_kind(record, where: str) -> str:

@@ -6,7 +6,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..losses import IGNORE_INDEX
+from ..labels import IGNORE_INDEX
 
 __all__ = ["collate", "Batches"]
 

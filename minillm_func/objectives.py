@@ -1,0 +1,176 @@
+"""The stage losses: ``(params, batch, extras) -> (summed_loss, (count, metrics))``.
+
+Each stage is one loss function over a batch dict; :func:`~minillm_func.trainers.create_trainer`
+composes it with an optimizer into a train step, and a new stage is a new
+function of this shape (see ``examples/new_stage_orpo.py``). The loss is the
+micro-batch's *sum* and ``count`` what it sums over (counted tokens, or pairs
+for DPO), so the step can divide by a whole window's count: exact accumulation
+and data parallelism.
+
+How a loss reaches the tokens is a :class:`Head`: through the full logits
+(:func:`logits_head`, the pure losses of :mod:`minillm_func.losses`) or through
+the last hidden state, chunk by chunk (:func:`chunked_head`).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, NamedTuple
+
+import torch
+
+from . import amp
+from .chunked import chunked_cross_entropy, chunked_sequence_logps
+from .labels import IGNORE_INDEX
+from .losses import dpo_loss, pretrain_loss, sequence_logps, sft_masked_loss
+from .memory import MemoryConfig
+from .model import Model, output_weight
+
+__all__ = ["Head", "logits_head", "chunked_head", "make_head", "pretrain_objective", "sft_objective",
+           "dpo_objective", "pair_logps", "add_reference_logps"]
+
+
+# Each returns the micro-batch's *summed* loss and the count it sums over. The
+# attention mask is not passed to the model: collation pads on the right, and
+# under causal attention no real position can see a padded one, so the mask
+# would only cost the fast attention kernel and change nothing that is counted.
+
+
+class Head(NamedTuple):
+    """How a stage turns ``(params, ids, labels)`` into token losses.
+
+    ``ce(params, ids, labels, loss_mask=None)`` -> the summed cross-entropy over the
+    counted labels (and, with ``loss_mask``, only where it is true); ``logps`` ->
+    per-sequence ``(summed target log-probs, counts)``. :func:`logits_head` goes
+    through the full logits; :func:`chunked_head` through the last hidden state,
+    chunk by chunk.
+    """
+
+    ce: Callable
+    logps: Callable
+
+
+def logits_head(apply: Callable) -> Head:
+    """Token losses from ``apply(params, ids) -> logits``."""
+    def ce(p, ids, y, loss_mask=None):
+        if loss_mask is None:
+            return pretrain_loss(apply(p, ids), y, num_tokens=1)
+        return sft_masked_loss(apply(p, ids), y, loss_mask, num_tokens=1)
+
+    return Head(ce=ce, logps=lambda p, ids, y: sequence_logps(apply(p, ids), y))
+
+
+def chunked_head(apply_hidden: Callable, *, chunk_size: int = 1024) -> Head:
+    """Token losses from the last hidden state and the output projection, ``chunk_size`` tokens at a time:
+    the ``[tokens, vocab]`` float32 logits are never held at once (``MemoryConfig(chunked_loss=True)``)."""
+    return Head(
+        # recompute=False: inside a train step the gradient is always wanted, so it is
+        # built while each chunk's logits are at hand (3 matmuls, as unchunked) instead
+        # of recomputing them in the backward (4); see benchmarks/RESULTS.md.
+        ce=lambda p, ids, y, loss_mask=None: chunked_cross_entropy(
+            apply_hidden(p, ids), output_weight(p), y if loss_mask is None else _masked(y, loss_mask),
+            num_tokens=1, chunk_size=chunk_size, recompute=False),
+        logps=lambda p, ids, y: chunked_sequence_logps(apply_hidden(p, ids), output_weight(p), y,
+                                                       chunk_size=chunk_size))
+
+
+def _as_head(head_or_apply) -> Head:
+    return head_or_apply if isinstance(head_or_apply, Head) else logits_head(head_or_apply)
+
+
+def pretrain_objective(head: Head | Callable) -> Callable:
+    """Next-token loss over every counted label (``head``: a :class:`Head`, or ``apply``)."""
+    head = _as_head(head)
+
+    def loss_fn(params, batch, extras):
+        labels = batch["labels"]
+        return head.ce(params, batch["input_ids"], labels), ((labels != IGNORE_INDEX).sum(), {})
+
+    return loss_fn
+
+
+def sft_objective(head: Head | Callable) -> Callable:
+    """Loss on the reply tokens (``sft_masked_loss``): ``loss_mask`` if the batch has one, else
+    every counted label (the datasets already set the prompt's labels to ``IGNORE_INDEX``)."""
+    head = _as_head(head)
+
+    def loss_fn(params, batch, extras):
+        labels = batch["labels"]
+        mask = batch.get("loss_mask")
+        mask = (labels != IGNORE_INDEX) if mask is None else (mask.bool() & (labels != IGNORE_INDEX))
+        return head.ce(params, batch["input_ids"], labels, mask), (mask.sum(), {})
+
+    return loss_fn
+
+
+def _masked(labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """``labels`` with ``IGNORE_INDEX`` wherever ``loss_mask`` is false."""
+    return torch.where(loss_mask.bool(), labels, torch.full_like(labels, IGNORE_INDEX))
+
+
+def pair_logps(head: Head | Callable, params, batch):
+    """Summed log-probs and counts of chosen and rejected replies, in one ``[2B, T]`` forward."""
+    B = batch["chosen_input_ids"].shape[0]
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    logps, counts = _as_head(head).logps(params, ids, labels)
+    return logps[:B], logps[B:], counts[:B], counts[B:]
+
+
+def dpo_objective(head: Head | Callable, *, beta: float = 0.1, loss_type: str = "sigmoid",
+                  label_smoothing: float = 0.0, gamma: float = 0.5) -> Callable:
+    """``dpo_loss`` summed over pairs. Reference log-probs come from the batch
+    (``ref_chosen_logps`` / ``ref_rejected_logps``, see :func:`add_reference_logps`)
+    or from the frozen ``extras["ref_params"]``, never differentiated."""
+    head = _as_head(head)
+    dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=beta, loss_type=loss_type,
+             label_smoothing=label_smoothing, gamma=gamma, chosen_counts=torch.ones(1),
+             rejected_counts=torch.ones(1))  # validate the hyper-parameters now, not at the first step
+
+    def loss_fn(params, batch, extras):
+        pc, pr, nc, nr = pair_logps(head, params, batch)
+        if "ref_chosen_logps" in batch:
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        elif loss_type == "simpo":
+            rc = rr = None
+        else:
+            if "ref_params" not in extras:
+                raise ValueError("dpo: no reference log-probs in the batch and no ref_params in the state; "
+                                 "build the state with trainer.init(params), or add_reference_logps to the data.")
+            with torch.no_grad():
+                rc, rr, _, _ = pair_logps(head, extras["ref_params"], batch)
+        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                                 gamma=gamma, chosen_counts=nc, rejected_counts=nr, num_pairs=1)
+        return loss, (torch.tensor(pc.shape[0]), metrics)
+
+    return loss_fn
+
+
+def add_reference_logps(model: Model, ref_params: dict, dataset, *, batch_size: int = 32):
+    """The items of a preference dataset with ``ref_chosen_logps`` / ``ref_rejected_logps`` added.
+
+    Computed once with the frozen reference params, so DPO training needs only
+    the policy in memory (``create_trainer("dpo", ..., precomputed_reference=True)``).
+    The result is a copy of ``dataset`` holding the extended items; batch it with ``Batches``.
+    """
+    from .data import collate
+
+    pad_id = dataset.tokenizer.pad_id
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]
+            rc, rr, _, _ = pair_logps(model.apply, ref_params, collate(items, pad_id=pad_id))
+            out += [{**it, "ref_chosen_logps": c, "ref_rejected_logps": r} for it, c, r in zip(items, rc, rr)]
+    with_ref = copy.copy(dataset)  # same tokenizer, drop counts and lengths; new items
+    with_ref.items = out
+    return with_ref
+
+
+def make_head(model: Model, policy: amp.Policy, memory: MemoryConfig) -> Head:
+    """The stage losses' way to the tokens, as the memory config and precision policy ask."""
+    checkpoint = memory.activation_checkpointing
+    if memory.chunked_loss:
+        hidden = lambda p, ids: model.apply_hidden(p, ids, checkpoint=checkpoint)  # noqa: E731
+        return chunked_head(policy.wrap(hidden) if policy.mixed else hidden)
+    apply = (lambda p, ids: model.apply(p, ids, checkpoint=True)) if checkpoint else model.apply
+    return logits_head(policy.wrap(apply) if policy.mixed else apply)
