@@ -426,8 +426,10 @@ def test_kill_9_at_random_moments_always_leaves_a_resumable_checkpoint(files):
     rng = random.Random(1)
     for _ in range(20):
         proc = spawn("train", "pretrain", "--data", "pre.txt", "--out", "r", "--resume", cwd=files)
-        line = proc.stdout.readline()  # "resuming ...": the process is past its start-up
-        assert line.startswith("resuming"), (line, proc.communicate())
+        lines = []
+        while not (lines and lines[-1].startswith("resuming")):  # the process is past its start-up
+            lines.append(proc.stdout.readline())
+            assert lines[-1], (lines, proc.communicate())  # it ended without resuming: say why
         time.sleep(rng.uniform(0.0, 0.4))
         proc.kill()
         proc.wait()
