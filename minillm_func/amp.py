@@ -14,7 +14,7 @@ import torch
 
 from . import tree as T
 
-__all__ = ["ScalerState", "scaler_init", "scale_loss", "unscale", "scaler_update", "Policy"]
+__all__ = ["ScalerState", "scaler_init", "unscale", "scaler_update", "Policy"]
 
 
 class ScalerState(NamedTuple):
@@ -51,11 +51,6 @@ def scaler_init(init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff
         scale=f32(init_scale), growth_tracker=torch.zeros((), dtype=torch.int32),
         growth_factor=f64(growth_factor), backoff_factor=f64(backoff_factor),
         growth_interval=torch.tensor(int(growth_interval), dtype=torch.int32), min_scale=f32(min_scale))
-
-
-def scale_loss(state: ScalerState, loss: torch.Tensor) -> torch.Tensor:
-    """``loss * scale``: differentiate this so small half-precision gradients do not flush to zero."""
-    return loss * state.scale.to(loss.device)
 
 
 def unscale(state: ScalerState, grads: Any) -> tuple[Any, torch.Tensor]:

@@ -3,7 +3,7 @@
 ``run_demo(out_dir)`` (what ``minillm-func demo`` runs) trains the three
 stages in turn, each starting from the previous stage's params, and measures
 each stage's held-out metric before and after it (the tasks and metrics are
-described in ``minillm_func/data/demo.py``):
+described in ``minillm_func/data/demo_tasks.py``):
 
 - pretrain: perplexity of held-out documents;
 - SFT: exact-match accuracy of greedy answers to held-out questions;
@@ -32,7 +32,7 @@ import torch
 
 from . import schedules
 from .data import Batches, ByteTokenizer, ConversationDataset, LanguageModelingDataset, PreferenceDataset
-from .data.demo import demo_corpus, extract_answer, is_preferred_style
+from .data.demo_tasks import demo_corpus, extract_answer, is_preferred_style
 from .generate import generate_text
 from .model import ModelConfig, build_model
 from .trainers import create_trainer

@@ -6,7 +6,7 @@ Data parallel (the default path; ``minillm-func train`` under ``torchrun`` uses 
 
     dist_mf.init_from_env()                            # no-op in a single process
     trainer = mf.create_trainer("pretrain", model, grad_sync=dist_mf.make_grad_sync())
-    batches = dist_mf.sharded_batches(data, 32, seed=0)   # 32 = the GLOBAL batch, split over ranks
+    batches = mf.Batches(data, 32, seed=0, rank=dist_mf.rank(), world_size=dist_mf.world_size())  # 32: GLOBAL
     state = trainer.fit(trainer.init(model.init(0)), batches, num_steps=1000, out_dir="runs/x")
     dist_mf.shutdown()
 
@@ -60,7 +60,7 @@ from . import tree as T
 
 __all__ = [
     "DistributedError", "init_from_env", "rank", "world_size", "is_main", "barrier", "shutdown",
-    "all_reduce_sum", "make_grad_sync", "sharded_batches", "device_mesh", "shard_state", "unshard_state",
+    "all_reduce_sum", "make_grad_sync", "device_mesh", "shard_state", "unshard_state",
     "gather_params", "make_sharded_step", "save_checkpoint",
 ]
 
@@ -401,18 +401,6 @@ def make_grad_sync(group=None, bucket_bytes: int = 25 * 2**20) -> Callable:
     return sync
 
 
-def sharded_batches(dataset, batch_size: int, **kwargs):
-    """``Batches`` over ``dataset`` where ``batch_size`` is the global batch and this rank takes its slice.
-
-    All ranks draw the same seeded order and keep the same ``position``; rank ``r``
-    yields its contiguous share of each global batch. ``N`` ranks thus see exactly
-    the data of one process with ``Batches(dataset, batch_size, ...)``.
-    """
-    from .data import Batches
-
-    return Batches(dataset, batch_size, rank=rank(), world_size=world_size(), **kwargs)
-
-
 # --------------------------------------------------------------------------- sharded (FSDP-style) on DTensor
 
 
@@ -529,10 +517,8 @@ def make_sharded_step(trainer, *, group=None) -> Callable:
     """
     from .step import make_train_step
 
-    if trainer.config.get("compile"):
-        raise ValueError("make_sharded_step: build the trainer with compile=False; the sharded step runs eagerly.")
     inner = make_train_step(gather_params(trainer.loss_fn), trainer.optimizer,
-                            accumulation_steps=trainer.config["accumulation_steps"],
+                            accumulation_steps=trainer.accumulation_steps,
                             loss_scaling=trainer.loss_scaling, lr_schedule=trainer.lr_schedule,
                             grad_path="autograd", sync=_make_count_sync(group))
 

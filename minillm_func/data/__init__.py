@@ -2,7 +2,7 @@
 from .chat import render_chat, tokenize_chat
 from .datasets import (ROLES, ConversationDataset, LanguageModelingDataset, PreferenceDataset, chat_prompt,
                        render_messages, start_ids, validate_record)
-from .demo import DemoCorpus, demo_corpus
+from .demo_tasks import DemoCorpus, demo_corpus
 from .formats import detect_kind, load_dataset, read_records, records_from_hf
 from .loader import Batches, collate
 from .tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
