@@ -114,3 +114,35 @@ def adamw_hyper(draw):
         T_max=draw(st.integers(1, 20)),
         eta_min=draw(st.sampled_from([0.0, 1e-5])),
     )
+
+
+@st.composite
+def scaler_events(draw, *, growth_interval: int, max_runs=5):
+    """A sequence of loss-scaler events ("ok", "inf", "nan") built as runs of finite steps.
+
+    Each run holds ``growth_interval - 1`` (one short of growing: the count must
+    restart after the non-finite step) to ``2 * growth_interval + 1`` finite
+    steps and, unless drawn otherwise, ends in one non-finite step. Most runs are
+    long enough for a growth event, so nearly every example exercises growth as
+    well as back-off (a flat list of random events rarely held
+    ``growth_interval`` finite steps in a row).
+    """
+    events = []
+    for _ in range(draw(st.integers(1, max_runs))):
+        events += ["ok"] * draw(st.integers(growth_interval - 1, 2 * growth_interval + 1))
+        bad = draw(st.sampled_from(["inf", "nan", None]))
+        if bad is not None:
+            events.append(bad)
+    return events
+
+
+def expected_growths(events, growth_interval: int) -> int:
+    """Growth events GradScaler's rules give (scale never near float32's max): one per
+    ``growth_interval`` consecutive finite steps, the count restarting after each non-finite step."""
+    growths = run = 0
+    for event in events:
+        run = run + 1 if event == "ok" else 0
+        if run == growth_interval:
+            growths, run = growths + 1, 0
+    return growths
+

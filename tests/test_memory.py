@@ -2,12 +2,13 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import minillm_func as mf
 from minillm_func.memory import split_batch
+from strategies import gen
 from test_trainers import CFG, dpo_batches, lm_batches
+
+IGN = mf.IGNORE_INDEX
 
 
 def oom_above(limit, base):
@@ -24,30 +25,80 @@ def oom_above(limit, base):
     return loss_fn, calls
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "dpo"])
-@settings(max_examples=10)
-@given(limit=st.integers(1, 8), accumulation=st.sampled_from([1, 2]))
-def test_a_split_batch_gives_the_unsplit_update(kind, limit, accumulation):
-    model = mf.build_model(CFG)
+ROWS = 7  # odd: halving gives pieces of 3, 3 and 1 rows, so a plain mean of per-piece means is not the batch's
+SMALL = mf.ModelConfig(vocab_size=CFG.vocab_size, dim=16, n_layers=1, n_heads=2, max_seq_len=16)
+
+
+def seven_row_batches(kind, n, seed):
+    """``n`` batches of ROWS rows for ``kind``: ragged LM rows; SFT adds a loss_mask drawn independently
+    of the labels; DPO pairs two LM batches and ignores the first 5 positions (the prompt)."""
+    lm = lm_batches(n, seed=seed, B=ROWS)
+    if kind == "pretrain":
+        return lm
+    g = gen(seed)
+    if kind == "sft":
+        return [{**b, "loss_mask": torch.rand(b["labels"].shape, generator=g) < 0.6} for b in lm]
+    prompt = torch.arange(lm[0]["labels"].shape[1]) < 5
+    return [{"chosen_input_ids": a["input_ids"], "chosen_labels": a["labels"].masked_fill(prompt, IGN),
+             "rejected_input_ids": b["input_ids"], "rejected_labels": b["labels"].masked_fill(prompt, IGN)}
+            for a, b in zip(lm, lm_batches(n, seed=seed + 100, B=ROWS))]
+
+
+def with_probe(base):
+    """``base`` plus a metric ``probe``: the mean label value over the counted positions (LM kinds),
+    a per-token mean the window must weight by token counts, as DPO's metrics by pair counts."""
+
+    def loss_fn(params, batch, extras):
+        loss, (count, metrics) = base(params, batch, extras)
+        if "labels" in batch:
+            counted = batch["labels"] != IGN
+            if "loss_mask" in batch:
+                counted = counted & batch["loss_mask"].bool()
+            probe = torch.where(counted, batch["labels"], 0).sum().double() / count.clamp_min(1)
+            metrics = {**metrics, "probe": probe}
+        return loss, (count, metrics)
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("limit", [ROWS, 3, 1])
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "dpo"])
+def test_a_split_batch_gives_the_unsplit_update_and_metrics(kind, limit, accumulation):
+    """After an injected out-of-memory error the sizer runs each window's batches in pieces (3, 3, 1
+    rows or single rows). Every metric equals the unsplit window step's, and the loss, count and
+    metrics also equal the loss function's on the whole window concatenated into one batch (a
+    direct float64 reference for the weighting: loss the token- (pair-) weighted mean, ``tokens``
+    the summed count, metrics count-weighted means). Params after the run agree too."""
+    model = mf.build_model(SMALL)
     params = model.init(3, dtype=torch.float64)
-    batches = {"pretrain": lm_batches, "dpo": dpo_batches}[kind](2, seed=1)
-    batches = [{k: torch.cat([v, v.flip(0)]) for k, v in b.items()} for b in batches]  # 8 rows
-    plain = mf.create_trainer(kind, model, accumulation_steps=accumulation)
-    base = plain.loss_fn
-    loss_fn, calls = oom_above(limit, base)
-    split = mf.create_trainer(kind, model, accumulation_steps=accumulation, loss_fn=loss_fn,
+    batches = seven_row_batches(kind, 2 * accumulation, seed=1)
+    probed = with_probe(mf.create_trainer(kind, model).loss_fn)
+    oom_fn, calls = oom_above(limit, probed)
+    plain = mf.create_trainer(kind, model, accumulation_steps=accumulation, loss_fn=probed)
+    split = mf.create_trainer(kind, model, accumulation_steps=accumulation, loss_fn=oom_fn,
                               memory=mf.MemoryConfig(dynamic_batch=True))
     s1, s2 = plain.init(params), split.init(params)
     for w in range(0, len(batches), accumulation):  # one update per window of `accumulation` batches
         window = batches[w:w + accumulation]
+        with torch.no_grad():
+            whole = {k: torch.cat([b[k] for b in window]) for k in window[0]}
+            loss_sum, (count, aux) = probed(s1.params, whole, s1.extras)
         s1, m1 = plain.window_step(s1, window)
         s2, m2 = split.run_window(s2, window)
-        torch.testing.assert_close(m2["loss"], m1["loss"], rtol=1e-10, atol=1e-12)
-        assert m2["tokens"].item() == m1["tokens"].item()
+        assert m2.keys() == m1.keys() >= {"loss", "tokens", *aux}
+        for k in m1:
+            assert m2[k].dtype == m1[k].dtype, k
+            torch.testing.assert_close(m2[k], m1[k], rtol=1e-10, atol=1e-12, msg=lambda text, k=k: f"{k}: {text}")
+        assert m2["tokens"].item() == count.item() > 0
+        torch.testing.assert_close(m2["loss"], loss_sum / count, rtol=1e-10, atol=1e-12)
+        for k, v in aux.items():
+            torch.testing.assert_close(m2[k], v.to(m2[k].dtype), rtol=1e-10, atol=1e-12,
+                                       msg=lambda text, k=k: f"{k}: {text}")
     for k in params:
         torch.testing.assert_close(s2.params[k], s1.params[k], rtol=1e-10, atol=1e-12)
-    assert split._sizer.micro_batch == (None if limit >= 8 else max(s for s in (8, 4, 2, 1) if s <= limit))
-    assert max(calls[-2:]) <= limit  # the remembered size is used straight away for the next batch
+    assert split._sizer.micro_batch == {ROWS: None, 3: 3, 1: 1}[limit]
+    assert max(calls[-accumulation:]) <= limit  # the remembered size is used straight away for the next window
 
 
 def test_below_the_minimum_it_raises_and_names_the_sizes_tried():

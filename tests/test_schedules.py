@@ -44,6 +44,52 @@ def test_warmup_cosine_warms_up_decays_and_holds(peak, warmup, extra, end_frac):
     assert f(3).item() == pytest.approx(lrs[3])  # scalar and batched agree
 
 
+def warmup_cosine_closed_form(step, peak, warmup, total, end):
+    """The documented formula, in Python floats: (s+1)/w of the peak while s < w, then a half
+    cosine from the peak at s = w to ``end`` at s = total, then ``end``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return end + (peak - end) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def torch_warmup_then_cosine(peak, warmup, total, end):
+    """The same shape from torch's own schedulers, one optimizer per phase: ``LinearLR`` from
+    peak/w to the peak over the warm-up, ``CosineAnnealingLR(T_max=total - w, eta_min=end)`` after."""
+    lrs = []
+    if warmup:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+        sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, end_factor=1.0,
+                                                  total_iters=max(warmup - 1, 1))
+        for _ in range(warmup):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup, eta_min=end)
+    for _ in range(total - warmup + 1):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+@given(st.floats(1e-5, 1.0), st.integers(0, 20), st.integers(1, 100), st.floats(0.0, 1.0))
+def test_warmup_cosine_equals_the_closed_form_and_torch_at_every_step(peak, warmup, extra, end_frac):
+    """Every step, not only the end points: the linear ramp, the half cosine in between, the hold."""
+    total = warmup + extra
+    end = peak * end_frac
+    f = schedules.warmup_cosine(peak, warmup, total, end)
+    got = f(torch.arange(total + 10))
+    assert got.dtype == torch.float64
+    for step, lr in enumerate(got.tolist()):
+        assert math.isclose(lr, warmup_cosine_closed_form(step, peak, warmup, total, end),
+                            rel_tol=1e-12, abs_tol=1e-15 * peak), step
+    for step, want in enumerate(torch_warmup_then_cosine(peak, warmup, total, end)):
+        # torch's schedulers are recursive: agreement to their rounding only
+        assert math.isclose(got[step].item(), want, rel_tol=1e-10, abs_tol=1e-13 * peak), step
+
+
 def test_schedules_vmap_and_reject_bad_arguments():
     f = schedules.cosine_annealing(0.1, T_max=4)
     steps = torch.arange(6)
