@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import IGNORE_INDEX, _check_logits_labels, _normalise
+from .losses import IGNORE_INDEX, check_logits_labels, normalise
 from .tree import under_transform
 
 __all__ = ["chunked_cross_entropy", "chunked_sequence_logps", "chunked_token_logps"]
@@ -247,7 +247,7 @@ def _check(fn: str, hidden, weight, labels, chunk_size) -> None:
         raise ValueError(
             f"{fn}: hidden is {hidden.dtype} but weight is {weight.dtype}; cast them to one dtype "
             "(e.g. the compute dtype of your precision policy).")
-    _check_logits_labels(fn, hidden, labels, name="hidden", last="D")
+    check_logits_labels(fn, hidden, labels, name="hidden", last="D")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"{fn}: chunk_size must be a positive int (tokens per chunk), got {chunk_size!r}.")
 
@@ -314,7 +314,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                                        need_h, need_w)
     else:
         total = -chunked_token_logps(hidden, weight, labels, chunk_size=chunk_size).sum()
-    return _normalise(total, num_tokens, "chunked_cross_entropy")
+    return normalise(total, num_tokens, "chunked_cross_entropy")
 
 
 def chunked_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

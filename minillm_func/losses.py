@@ -23,6 +23,7 @@ from .labels import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX", "pretrain_loss", "sft_masked_loss", "sequence_logps", "dpo_loss", "DPO_LOSS_TYPES",
+    "check_logits_labels", "normalise",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
@@ -33,7 +34,7 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _check_logits_labels(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, name: str = "logits",
+def check_logits_labels(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, name: str = "logits",
                          last: str = "V") -> None:
     """``labels [..., T]`` integer and aligned with ``logits`` (or hidden states: ``name``) ``[..., T, last]``."""
     if not isinstance(labels, torch.Tensor) or logits.shape[:-1] != labels.shape:
@@ -45,7 +46,7 @@ def _check_logits_labels(fn: str, logits: torch.Tensor, labels: torch.Tensor, *,
         raise ValueError(f"{fn}: labels must be integer token ids, got dtype {labels.dtype}.")
 
 
-def _normalise(total: torch.Tensor, count, fn: str) -> torch.Tensor:
+def normalise(total: torch.Tensor, count, fn: str) -> torch.Tensor:
     """``total / max(count, 1)``: an empty batch gives 0 with zero gradient, never 0/0 = NaN."""
     if isinstance(count, (int, float)) and count < 0:
         raise ValueError(f"{fn}: the normaliser must be a non-negative count, got {count}.")
@@ -72,14 +73,14 @@ def pretrain_loss(logits: torch.Tensor, labels: torch.Tensor, *, num_tokens=None
         num_tokens: int or 0-d tensor; pass the window's total count for exact
             gradient accumulation.
     """
-    _check_logits_labels("pretrain_loss", logits, labels)
+    check_logits_labels("pretrain_loss", logits, labels)
     flat_labels = labels.reshape(-1)
     total = F.cross_entropy(
         _upcast(logits).reshape(-1, logits.shape[-1]), flat_labels,
         ignore_index=IGNORE_INDEX, reduction="sum")
     if num_tokens is None:
         num_tokens = (flat_labels != IGNORE_INDEX).sum()
-    return _normalise(total, num_tokens, "pretrain_loss")
+    return normalise(total, num_tokens, "pretrain_loss")
 
 
 def sft_masked_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, *,
@@ -116,7 +117,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     Returns:
         ``(logps [B], counts [B])``; counts are int64.
     """
-    _check_logits_labels("sequence_logps", logits, labels)
+    check_logits_labels("sequence_logps", logits, labels)
     counted = labels != IGNORE_INDEX
     x = _upcast(logits)
     target = x.gather(-1, torch.where(counted, labels, 0).unsqueeze(-1)).squeeze(-1)
@@ -235,7 +236,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         x = beta * h - gamma
         losses = (1 - eps) * F.softplus(-x) + eps * F.softplus(x)
 
-    loss = _normalise(losses.sum(), shape[0] if num_pairs is None else num_pairs, "dpo_loss")
+    loss = normalise(losses.sum(), shape[0] if num_pairs is None else num_pairs, "dpo_loss")
     with torch.no_grad():
         r_w, r_l = beta * chosen, beta * rejected
         metrics = {
