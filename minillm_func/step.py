@@ -24,7 +24,7 @@ import torch
 from . import amp
 from . import tree as T
 from .accumulate import AccumState, accum_add, accum_init, accum_ready, accum_reset, accum_result
-from .optim import ClipState, Transform
+from .optim import Transform, clipped_norm
 from .optim import step as optim_step
 
 __all__ = ["TrainState", "make_train_step", "make_window_step", "init_train_state", "value_and_grad"]
@@ -141,7 +141,7 @@ def _core(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps: int, los
         metrics = {
             "loss": loss_sum / count.clamp_min(1),
             "tokens": count,
-            "grad_norm": _clip_norm(opt_state),
+            "grad_norm": clipped_norm(opt_state),
             "lr": lr_schedule(state.step) if lr_schedule is not None else torch.tensor(float("nan")),
             "scale": scaler.scale,
             "skipped": found_inf,
@@ -255,12 +255,3 @@ def _add_into(total, grads):
         return T.add(total, grads)
     torch._foreach_add_(leaves, new)
     return total
-
-
-def _clip_norm(opt_state) -> torch.Tensor:
-    """The pre-clip gradient norm the chain recorded, or NaN when it has no clipping."""
-    states = opt_state if isinstance(opt_state, tuple) and not hasattr(opt_state, "_fields") else (opt_state,)
-    for s in states:
-        if isinstance(s, ClipState):
-            return s.norm
-    return torch.tensor(float("nan"))
