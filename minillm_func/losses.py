@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX, require_integer_ids
 
 __all__ = [
     "IGNORE_INDEX", "pretrain_loss", "sft_masked_loss", "sequence_logps", "dpo_loss", "DPO_LOSS_TYPES",
@@ -42,8 +42,7 @@ def check_logits_labels(fn: str, logits: torch.Tensor, labels: torch.Tensor, *, 
             f"{fn}: {name} {tuple(logits.shape)} and labels {tuple(getattr(labels, 'shape', ()))} do not line up; "
             f"expected {name} [..., T, {last}] and labels [..., T] with labels already shifted "
             "(labels[t] is the target of position t).")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{fn}: labels must be integer token ids, got dtype {labels.dtype}.")
+    require_integer_ids(labels, fn, "labels")
 
 
 def normalise(total: torch.Tensor, count, fn: str) -> torch.Tensor:

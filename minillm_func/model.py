@@ -59,6 +59,7 @@ from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .labels import require_integer_ids
 from .tree import under_transform
 
 __all__ = ["ModelConfig", "Model", "build_model", "Transformer", "KVCache", "empty_cache", "output_weight",
@@ -536,8 +537,7 @@ def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig, attention_mask, who: s
             f"{who} expects input_ids as a 2-D integer tensor [batch, seq_len]; "
             f"got {type(input_ids).__name__} with shape {tuple(getattr(input_ids, 'shape', ()))}. "
             "For one sequence use input_ids[None].")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise ValueError(f"{who} expects integer token ids, got dtype {input_ids.dtype}.")
+    require_integer_ids(input_ids, who, "input_ids")
     if input_ids.shape[1] > cfg.max_seq_len:
         raise ValueError(
             f"{who}: sequence length {input_ids.shape[1]} exceeds max_seq_len={cfg.max_seq_len}; "

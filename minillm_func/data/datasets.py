@@ -315,7 +315,19 @@ class LanguageModelingDataset(_Items):
                 "attention_mask": torch.tensor([1] * n + [0] * (T - n))}
 
 
-class ConversationDataset(_Items):
+class _ChatItems(_Items):
+    """Items rendered with the tokenizer's chat template when it has one (``chat_template=None``)."""
+
+    NAME, KIND = "", ""
+
+    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int, *, chat_template: bool | None = None,
+                 template_kwargs: dict | None = None):
+        self.use_template = _use_template(tokenizer, chat_template)
+        self.template_kwargs = dict(template_kwargs or {})
+        self._collect(self.NAME, self.KIND, examples, tokenizer, max_length)
+
+
+class ConversationDataset(_ChatItems):
     """SFT sequences; the loss is on the assistant's replies only.
 
     Each example is ``{"messages": [...]}`` or ``{"prompt", "completion"}``
@@ -343,11 +355,7 @@ class ConversationDataset(_Items):
     padded (``collate`` pads a batch to its longest item).
     """
 
-    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int, *, chat_template: bool | None = None,
-                 template_kwargs: dict | None = None):
-        self.use_template = _use_template(tokenizer, chat_template)
-        self.template_kwargs = dict(template_kwargs or {})
-        self._collect("ConversationDataset", "sft", examples, tokenizer, max_length)
+    NAME, KIND = "ConversationDataset", "sft"
 
     def _make(self, ex: dict) -> dict | None:
         tok = self.tokenizer
@@ -364,7 +372,7 @@ class ConversationDataset(_Items):
         return _sequence(segments, tok, self.max_length)
 
 
-class PreferenceDataset(_Items):
+class PreferenceDataset(_ChatItems):
     """DPO pairs: the same prompt, then the chosen or the rejected reply.
 
     Each example is ``{"prompt", "chosen", "rejected"}``: strings, or TRL's
@@ -389,11 +397,7 @@ class PreferenceDataset(_Items):
     dropped and counted, as in :class:`ConversationDataset`.
     """
 
-    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int, *, chat_template: bool | None = None,
-                 template_kwargs: dict | None = None):
-        self.use_template = _use_template(tokenizer, chat_template)
-        self.template_kwargs = dict(template_kwargs or {})
-        self._collect("PreferenceDataset", "dpo", examples, tokenizer, max_length)
+    NAME, KIND = "PreferenceDataset", "dpo"
 
     def _make(self, ex: dict) -> dict | None:
         tok = self.tokenizer
