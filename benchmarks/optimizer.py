@@ -13,7 +13,7 @@ The variants of this library (``optim.step(opt, grads, state, params)``):
 
 - donated: ``donate=True``, torch's fused kernel on the donated buffers, in place;
 - pure (the caller's tensors untouched), with the kernel and the output memory named:
-  native = the one-pass kernel with streaming stores (``minillm_func._native``),
+  native = the one-pass kernel with streaming stores (``minillm_func.native``),
   fused + copy = copy params and moments, then torch's fused kernel in place on the copies,
   foreach = ``torch._foreach_*`` out of place, compiled = the reference update
   under ``torch.compile`` (inductor's out-of-place kernels; "recycled" there is

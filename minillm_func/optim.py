@@ -51,7 +51,7 @@ from typing import Any, Callable, NamedTuple
 import optree
 import torch
 
-from . import _native
+from . import native
 from . import tree as T
 
 __all__ = [
@@ -473,7 +473,7 @@ def adamw(learning_rate=1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1
       refuses a device or dtype, ``"foreach"`` runs). It writes in place: with
       ``donate=True`` on the donated buffers; without, on copies of params and
       moments (three extra passes over them);
-    - ``"native"``: this library's one-pass kernel (``minillm_func._native``,
+    - ``"native"``: this library's one-pass kernel (``minillm_func.native``,
       compiled with the system C compiler on first use): reads old params,
       gradients and moments, writes new ones with streaming stores, so the pure
       update costs what the in-place one does. float32 CPU tensors only; other
@@ -501,9 +501,9 @@ def adamw(learning_rate=1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1
         raise ValueError(f"adamw: impl must be one of {', '.join(map(repr, _IMPLS))}, got {impl!r}.")
     if impl == "fused" and not fused_adamw_available():
         raise ValueError("adamw: impl='fused' needs torch._fused_adamw_, which this torch lacks; use 'auto'.")
-    if impl == "native" and not _native.available():
+    if impl == "native" and not native.available():
         raise ValueError(f"adamw: impl='native' needs the native kernel, which could not be built "
-                         f"({_native.unavailable_reason()}); use 'auto'.")
+                         f"({native.unavailable_reason()}); use 'auto'.")
     _check_range("adamw", learning_rate, "learning_rate", 0.0, float("inf"))
     parts = chain(scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay, mask),
                   scale_by_learning_rate(learning_rate))
@@ -535,9 +535,9 @@ def adamw(learning_rate=1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1
         hyper = tuple(float(x) for x in (beta1, beta2, epsilon, wd))
         t = count + 1
         for kernel in _ORDER[impl, donate]:
-            if kernel == "native" and _native.eligible(ps, gs, ms, vs) and _native.available():
+            if kernel == "native" and native.eligible(ps, gs, ms, vs) and native.available():
                 out = (ps, ms, vs) if donate else _outputs(pool, ps, ms, vs)
-                _native.adamw_into(ps, gs, ms, vs, *out, decay, lr=float(lr), b1=hyper[0], b2=hyper[1],
+                native.adamw_into(ps, gs, ms, vs, *out, decay, lr=float(lr), b1=hyper[0], b2=hyper[1],
                                    eps=hyper[2], weight_decay=hyper[3], step=int(count) + 1)
                 return _unflatten(params, out, t)
             if kernel == "fused" and fused_adamw_available():

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minillm_func as mf
-from minillm_func import _native, optim, schedules
+from minillm_func import native, optim, schedules
 from minillm_func import checkpoint as ckpt
 from minillm_func import tree as T
 from strategies import adamw_hyper, gen, param_trees, seeds
@@ -15,7 +15,7 @@ from strategies import adamw_hyper, gen, param_trees, seeds
 STEPS = 30
 FAST = ["foreach", "fused", "native"]  # the fast ``apply`` kernels; "reference" is update + apply_updates
 
-needs_native = pytest.mark.skipif(not _native.available(), reason=f"no native kernel: {_native.unavailable_reason()}")
+needs_native = pytest.mark.skipif(not native.available(), reason=f"no native kernel: {native.unavailable_reason()}")
 needs_fused = pytest.mark.skipif(not optim.fused_adamw_available(), reason="torch has no _fused_adamw_")
 
 
