@@ -300,7 +300,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     ``cos``, ``sin``: ``[T, hd/2]`` (every row at the same positions) or ``[B, 1, T, hd/2]``.
     """
-    x1, x2 = x.float().chunk(2, dim=-1)  # [B, H, T, hd/2] each, in float32
+    # [B, H, T, hd/2] each, in float32 at least: half precision is raised, float64 kept (a plain
+    # .float() would round a float64 model's queries and keys to float32 here).
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 

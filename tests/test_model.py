@@ -605,3 +605,19 @@ def test_the_modules_training_and_decoding_paths_agree():
     assert cache[0][0].shape == (2, cfg.kv_heads, 6, cfg.head_dim)
     with pytest.raises(TypeError):  # a cache is for decode; checkpointing is for training
         module(ids, cache=cache)
+
+
+def test_rotary_keeps_float64_precision_and_raises_half_precision():
+    # the rotation of split halves as a complex product, in float64: (x1 + i x2) * (cos + i sin)
+    from minillm_func.model import apply_rotary
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64)
+    angles = torch.rand(5, 4, generator=g, dtype=torch.float64) * 6
+    z = torch.complex(x[..., :4], x[..., 4:]) * torch.polar(torch.ones_like(angles), angles)
+    out = apply_rotary(x, angles.cos(), angles.sin())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.cat([z.real, z.imag], -1), rtol=0, atol=1e-15)
+    half = apply_rotary(x.to(torch.bfloat16), angles.cos().float(), angles.sin().float())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), torch.cat([z.real, z.imag], -1), rtol=0.02, atol=0.03)
