@@ -2,8 +2,8 @@
 
 Pure losses and steps over explicit state pytrees; see the README for a tour.
 """
-from . import (accumulate, amp, checkpoint, data, ensemble, hf, hooks, labels, memory, objectives, optim, schedules,
-               stages, step, trainers, tree)
+from . import (accumulate, amp, checkpoint, data, ensemble, hf, hooks, labels, lora, memory, objectives, optim,
+               schedules, stages, step, trainers, tree)
 from .data import (BPETokenizer, Batches, ByteTokenizer, ConversationDataset, HFTokenizer,
                    LanguageModelingDataset, PreferenceDataset, collate, demo_corpus, load_dataset)
 from .losses import IGNORE_INDEX, dpo_loss, pretrain_loss, sequence_logps, sft_masked_loss
@@ -19,6 +19,6 @@ __all__ = [
     "BPETokenizer", "Batches", "ByteTokenizer", "ConversationDataset", "HFTokenizer", "LanguageModelingDataset",
     "PreferenceDataset", "collate", "data", "demo_corpus", "load_dataset",
     "DynamicBatchSizer", "MemoryConfig", "MemoryMonitor", "checkpoint", "generate", "generate_text", "TrainState", "Trainer", "create_trainer", "make_train_step", "step", "trainers",
-    "IGNORE_INDEX", "Model", "ModelConfig", "accumulate", "amp", "hf", "hooks", "labels", "objectives", "stages", "build_model", "dpo_loss", "optim",
+    "IGNORE_INDEX", "Model", "ModelConfig", "accumulate", "amp", "hf", "hooks", "labels", "lora", "objectives", "stages", "build_model", "dpo_loss", "optim",
     "pretrain_loss", "schedules", "sequence_logps", "sft_masked_loss", "tree",
 ]

@@ -4,7 +4,12 @@
     minillm-func train {pretrain,sft,dpo} --data FILE --out DIR [--init RUN | --model HF_DIR] [--resume]
     minillm-func generate (--ckpt RUN | --model HF_DIR) --prompt TEXT [--chat] [--max-new-tokens N] ...
     minillm-func eval (--ckpt RUN | --model HF_DIR) --data FILE [--kind pretrain|sft|dpo]
-    minillm-func export --ckpt RUN --out HF_DIR                # a Hugging Face folder transformers loads
+    minillm-func export --ckpt RUN --out HF_DIR [--peft]       # a Hugging Face folder transformers loads
+
+``train ... --lora-rank R [--lora-alpha A] [--lora-targets wq,wv]`` trains LoRA
+adapters over the frozen ``--init``/``--model`` (checkpoints hold the adapters;
+``generate``, ``eval`` and ``export`` merge them into that base, ``export --peft``
+writes them as a PEFT adapter folder).
 
 Settings for ``train`` come from flags and/or a TOML or JSON file (``--config``;
 flags win). They are all checked before any data is read, and the settings the
@@ -88,6 +93,10 @@ TRAIN_SETTINGS = {
     "tokenizer": (None, str, "byte, bpe:VOCAB (trained on --data), PATH/tokenizer.json or a Hugging Face "
                              "folder's tokenizer (new models; default byte)"),
     "dtype": (None, str, "with --model: load the weights as fp32 or bf16 (default: as stored)"),
+    "lora_rank": (0, int, "train LoRA adapters of this rank over the frozen --init/--model (0: full fine-tune)"),
+    "lora_alpha": (None, float, "LoRA scale numerator: the update is alpha/rank * B A (default: 2 * rank)"),
+    "lora_targets": ("wq,wk,wv,wo,w1,w2,w3", str, "comma-separated linear layers LoRA adapts (name suffixes)"),
+    "lora_dropout": (0.0, float, "LoRA dropout on the adapters' input while training"),
     "compile": (False, bool, "wrap the train step in torch.compile"),
     "threads": (None, int, "CPU threads for torch (default: torch's choice; 1 is best on a busy machine)"),
     "dist_timeout": (60.0, float, "seconds a data-parallel peer may stay silent before the run stops"),
@@ -173,6 +182,11 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the folder to write (config.json, safetensors, tokenizer)")
     x.add_argument("--dtype", choices=sorted(DTYPES), help="convert the weights (default: as trained)")
     x.add_argument("--max-shard-size", default="5GB", help="split the weights above this size (default: 5GB)")
+    x.add_argument("--merge", action="store_true",
+                   help="a LoRA run: merge the adapters into the base model (what export does by default)")
+    x.add_argument("--peft", action="store_true",
+                   help="a LoRA run: write the adapters alone as a PEFT folder (adapter_config.json, "
+                        "adapter_model.safetensors)")
     return p
 
 
@@ -273,6 +287,13 @@ def _validate(s: dict, kind: str) -> None:
              f"--loss-type must be one of {', '.join(DPO_LOSS_TYPES)}, got {s['loss_type']!r}.")
         need(math.isfinite(s["beta"]) and s["beta"] > 0, f"--beta must be a positive number, got {s['beta']}.")
         need(0 <= s["label_smoothing"] < 0.5, f"--label-smoothing must lie in [0, 0.5), got {s['label_smoothing']}.")
+    need(s["lora_rank"] >= 0, f"--lora-rank must be >= 0 (0: no LoRA), got {s['lora_rank']}.")
+    if s["lora_rank"]:
+        alpha = s["lora_alpha"]
+        need(alpha is None or (math.isfinite(alpha) and alpha > 0), f"--lora-alpha must be positive, got {alpha}.")
+        need(0 <= s["lora_dropout"] < 1, f"--lora-dropout must lie in [0, 1), got {s['lora_dropout']}.")
+        need(bool([t for t in s["lora_targets"].split(",") if t.strip()]),
+             "--lora-targets must name at least one linear layer, e.g. wq,wv.")
     if s["eval_data"] is None:
         need(s.get("eval_every") is None, "--eval-every needs --eval-data FILE (what to evaluate on).")
     for name in ("dim", "n_layers", "n_heads"):
@@ -341,7 +362,42 @@ def _load_checkpoint(path: str | Path, what: str = "--ckpt"):
         raise ValueError(f"{folder} holds no model configuration: it was not written by `minillm-func train`.")
     model = build_model(ModelConfig(**meta["model_config"]))
     tok = load_tokenizer(meta.get("tokenizer", {"type": "byte"}))
+    if _lora_of(meta) is not None:  # adapters only: the model is the base with them merged in
+        state = _Params(_merge_lora(state.params, meta, folder))
     return state, meta, model, tok, folder
+
+
+def _lora_of(meta: dict):
+    """The LoraConfig a checkpoint's meta records, or None for a full-parameter checkpoint."""
+    from .lora import LoraConfig
+
+    spec = (meta.get("trainer_config") or {}).get("lora")
+    return LoraConfig(**{**spec, "targets": tuple(spec["targets"])}) if spec else None
+
+
+def _lora_base(meta: dict, folder) -> dict:
+    """The frozen base of a LoRA checkpoint, read from where its run started (checked by fingerprint)."""
+    init, hf_model = meta.get("init"), meta.get("hf_model")
+    try:
+        if init and Path(init).exists():
+            base = _load_checkpoint(init, "the run's --init")[0].params
+        elif hf_model and Path(hf_model).is_dir():
+            base = _load_hf(hf_model, meta.get("hf_dtype"))[1]
+        else:
+            base = None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder} holds LoRA adapters and their base model cannot be read: {_one_line(e)}") from None
+    if base is None:
+        raise UsageError(f"{folder} holds LoRA adapters; their base model ({init or hf_model or 'unknown'}) "
+                         "is needed and is not at hand: restore it at that path.")
+    _check_base(meta, base, init or hf_model)
+    return base
+
+
+def _merge_lora(adapters: dict, meta: dict, folder) -> dict:
+    from .lora import merge
+
+    return merge(_lora_base(meta, folder), adapters, _lora_of(meta))
 
 
 class _Params(NamedTuple):
@@ -478,6 +534,8 @@ def _train(args) -> None:
     s = _resolve(s, args.kind, init_meta, what)
     steps_known = s["steps"] if s["steps"] is not None else DEFAULT_STEPS
     _validate({**s, "steps": steps_known, "T_max": s["T_max"]}, args.kind)
+    if s["lora_rank"] and init_meta is None:
+        raise UsageError("--lora-rank adapts a trained model: give --init RUN or --model HF_DIR.")
     # A resumed run's tokenizer (trained BPE included) comes from its checkpoint: never rebuilt.
     kind_tok, tok_arg = (("checkpoint", None) if init_meta is not None or args.resume
                          else _tokenizer_spec(s["tokenizer"]))
@@ -517,6 +575,7 @@ def _train(args) -> None:
         params = model.init(s["seed"])
     else:
         params = init_state.params
+    lora_cfg = _lora_config(s, params)
 
     data = load_dataset(data_path, tok, s["max_length"], kind=args.kind, pack=s["pack"])
     batches_per_epoch = math.ceil(len(data) / s["batch_size"])
@@ -538,13 +597,16 @@ def _train(args) -> None:
                              accumulation_steps=s["accumulation_steps"], precision=s["precision"],
                              beta=s["beta"], loss_type=s["loss_type"], label_smoothing=s["label_smoothing"],
                              precomputed_reference=precompute, compile=s["compile"],
-                             grad_sync=distributed.make_grad_sync() if world > 1 else None)
+                             grad_sync=distributed.make_grad_sync() if world > 1 else None, lora=lora_cfg)
     if precompute:
         data = add_reference_logps(model, params, data)
-    state = trainer.init(params)
+    state = trainer.init(params, seed=s["seed"])
     position = (0, 0)
     if resume_from is not None:
-        state, meta = checkpoint.load(resume_from, like=state)
+        saved, meta = checkpoint.load(resume_from, like=trainer.saved_state(state))
+        if lora_cfg is not None:
+            _check_base(meta, params, f"{init_path or model_path}")
+        state = trainer.with_base(saved, params)
         written = meta.get("model_config") or {}
         same_model = _config_or_none(written) == model.config  # fields added since it was written: defaults
         checkpoint.check_meta(meta, {"kind": args.kind,
@@ -586,6 +648,32 @@ def _train(args) -> None:
     if main:
         print(f"{args.kind}: checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'}")
     distributed.shutdown()
+
+
+def _lora_config(s: dict, params: dict):
+    """The run's LoraConfig, or None without --lora-rank; a target that matches nothing is a usage error."""
+    from .lora import LoraConfig, target_names
+
+    if not s["lora_rank"]:
+        return None
+    alpha = s["lora_alpha"] if s["lora_alpha"] is not None else 2.0 * s["lora_rank"]
+    try:
+        cfg = LoraConfig(rank=s["lora_rank"], alpha=alpha, dropout=s["lora_dropout"],
+                         targets=tuple(t.strip() for t in s["lora_targets"].split(",") if t.strip()))
+        target_names(params, cfg)
+    except ValueError as e:
+        raise UsageError(f"--lora-targets: {_one_line(e)}") from None
+    return cfg
+
+
+def _check_base(meta: dict, base: dict, where: str) -> None:
+    """A LoRA checkpoint's adapters belong to the base it was trained on: refuse another one."""
+    from .lora import fingerprint
+
+    expected = meta.get("lora_base_fingerprint")
+    if expected is not None and fingerprint(base) != expected:
+        raise ValueError(f"the base model at {where} is not the one these LoRA adapters were trained on "
+                         "(its weights changed); restore that model, or start a new run from it.")
 
 
 def _config_or_none(fields: dict):
@@ -718,12 +806,33 @@ def _export(args) -> None:
 
     from . import hf
 
+    if args.peft and args.merge:
+        raise UsageError("--peft writes the adapters alone and --merge merges them into the model; give one.")
+    if args.peft:
+        return _export_peft(args)
     state, meta, model, tok, folder = _load_checkpoint(args.ckpt)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     out = hf.save_pretrained(args.out, model, state.params, tok, model_type=meta.get("hf_model_type"),
                              max_shard_size=args.max_shard_size, dtype=dtype)
     print(f"export: {folder} (update {meta.get('step')}) -> {out} "
           f"({hf.SUPPORTED[meta.get('hf_model_type') or hf.model_type_of(model.config)]})")
+
+
+def _export_peft(args) -> None:
+    import torch
+
+    from . import checkpoint
+    from .lora import save_peft
+
+    folder = _resolve_checkpoint(args.ckpt, "--ckpt")
+    state, meta = checkpoint.load(folder)
+    cfg = _lora_of(meta)
+    if cfg is None:
+        raise UsageError(f"--peft exports LoRA adapters, and {folder} holds a full-parameter checkpoint; "
+                         "drop --peft to export the model.")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    out = save_peft(args.out, state.params, cfg, base_model_name_or_path=meta.get("hf_model"), dtype=dtype)
+    print(f"export: {folder} (update {meta.get('step')}) -> {out} (PEFT LoRA adapter, rank {cfg.rank})")
 
 
 # --------------------------------------------------------------------------- main

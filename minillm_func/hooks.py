@@ -173,7 +173,8 @@ class Checkpoint(Hook):
     and at the end, keeping the newest ``keep_last`` (``checkpoint.save_step``).
 
     The meta records the stage, the step, the model and trainer configurations and
-    the data position (plus ``meta``). Params that are not all finite are never
+    the data position (plus ``meta``). A LoRA run saves its adapters, not its frozen
+    base, and records the base's fingerprint (``lora.fingerprint``). Params that are not all finite are never
     written (a host sync, only when saving). A Ctrl-C that arrives during a save
     is held until the checkpoint is written.
     """
@@ -182,6 +183,7 @@ class Checkpoint(Hook):
         self.out, self.keep_last, self.meta = out, keep_last, meta or {}
         self.every = every if every else 0
         self.saved_step: int | None = None
+        self._base_fingerprint: str | None = None  # a LoRA run's base, hashed once per run
 
     def save(self, run: Run) -> None:
         from . import checkpoint
@@ -195,8 +197,15 @@ class Checkpoint(Hook):
         record = {"kind": trainer.kind, "step": run.step, "model_config": dataclasses.asdict(trainer.model.config),
                   "trainer_config": trainer.config,
                   "data_position": list(run.position) if run.position is not None else [], **self.meta}
+        if trainer.lora is not None:
+            from . import lora
+
+            if self._base_fingerprint is None:
+                self._base_fingerprint = lora.fingerprint(run.state.extras["lora_base"])
+            record["lora_base_fingerprint"] = self._base_fingerprint
         with _deferred_interrupt(run.say):
-            checkpoint.save_step(self.out, run.state, step=run.step, meta=record, keep_last=self.keep_last)
+            checkpoint.save_step(self.out, trainer.saved_state(run.state), step=run.step, meta=record,
+                                 keep_last=self.keep_last)
         self.saved_step = run.step
 
     def on_update(self, run: Run) -> None:

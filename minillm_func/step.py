@@ -113,8 +113,12 @@ def _core(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps: int, los
 
     grad_fn = value_and_grad(scaled_loss, grad_path)
 
-    def grads(state: TrainState, batch: dict):
-        (_, (loss_sum, (count, aux))), g = grad_fn(state.params, batch, state.extras, state.scaler.scale)
+    def grads(state: TrainState, batch: dict, micro):
+        # The loss also sees extras["rng"] = (updates so far, micro-batch index in the window): a
+        # counter from which a loss that needs randomness (LoRA dropout) derives it, purely.
+        rng = torch.stack([state.step.reshape(()).to(torch.int64), torch.as_tensor(micro, dtype=torch.int64)])
+        extras = {**state.extras, "rng": rng}
+        (_, (loss_sum, (count, aux))), g = grad_fn(state.params, batch, extras, state.scaler.scale)
         return g, count, loss_sum, aux
 
     def apply(state: TrainState, grads, count, loss_sum, aux, *, accumulate: bool):
@@ -166,7 +170,10 @@ def make_train_step(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps
     Args:
         loss_fn: ``(params, batch, extras) -> (summed_loss, (count, metrics))``;
             ``summed_loss`` is the sum over the micro-batch's counted tokens (or pairs)
-            and ``count`` their number, a 0-d tensor.
+            and ``count`` their number, a 0-d tensor. ``extras`` is ``state.extras``
+            plus ``extras["rng"]``, int64 ``[2]``: the update count and the
+            micro-batch's index in its window, for losses that draw random numbers
+            (a pure counter: a resumed run draws the same ones).
         optimizer: a gradient transformation (usually ``chain(clip, adamw)``).
         accumulation_steps: micro-batches per optimizer update (k). With k > 1 each
             call adds one micro-batch to the accumulator in ``state.accum``; the
@@ -193,7 +200,8 @@ def make_train_step(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps
                  lr_schedule=lr_schedule, grad_path=grad_path)
 
     def step(state: TrainState, batch: dict):
-        grads, count, loss_sum, aux = core.grads(state, batch)
+        micro = state.accum.micro_step if accumulation_steps > 1 else 0
+        grads, count, loss_sum, aux = core.grads(state, batch, micro)
         if sync is not None:  # e.g. data parallel: sum grads, counts and losses over ranks
             grads, count, loss_sum = sync(grads, count, loss_sum)
         return core.apply(state, grads, count, loss_sum, aux, accumulate=accumulation_steps > 1)
@@ -231,8 +239,8 @@ def make_window_step(loss_fn: LossFn, optimizer: Transform, *, loss_scaling: boo
         if not micro_batches:
             raise ValueError("window step: got no micro-batch; pass a list of at least one batch dict.")
         total = count = loss_sum = weighted = None
-        for batch in micro_batches:
-            grads, n, ls, aux = core.grads(state, batch)
+        for i, batch in enumerate(micro_batches):
+            grads, n, ls, aux = core.grads(state, batch, i)
             if total is None:  # the first micro-batch's gradients are fresh tensors: ours to add into
                 total, count, loss_sum, weighted = grads, n, ls, {k: v * n for k, v in aux.items()}
                 continue

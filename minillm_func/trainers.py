@@ -18,12 +18,15 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from . import amp, distributed, optim, schedules
+from . import amp, distributed, lora, optim, schedules
 from . import tree as T
 from .hooks import Checkpoint, Evaluate, Hook, MetricsLog, ProgressBar, Run
+from .lora import LoraConfig
+from .lora import apply as lora_apply
+from .lora import objective as lora_objective
 from .memory import DynamicBatchSizer, MemoryConfig, MemoryMonitor
 from .model import Model
-from .objectives import dpo_objective, make_head, pretrain_objective, sft_objective
+from .objectives import dpo_objective, make_head, pair_logps, pretrain_objective, sft_objective
 from .stages import KINDS, default_learning_rate
 from .step import TrainState, init_train_state, make_train_step, make_window_step
 
@@ -49,6 +52,7 @@ class Trainer:
     memory: MemoryConfig = MemoryConfig()
     window_step: Callable[[TrainState, Sequence[dict]], tuple] | None = None
     accumulation_steps: int = 1
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         self._sizer = DynamicBatchSizer(self.memory.min_micro_batch) if self.memory.dynamic_batch else None
@@ -65,11 +69,40 @@ class Trainer:
         so ``MemoryConfig(dynamic_batch=True)`` splits the batch on out-of-memory."""
         return self.run_window(state, [batch]) if self.accumulation_steps == 1 else self.step(state, batch)
 
-    def init(self, params: dict) -> TrainState:
-        """A fresh ``TrainState``. For DPO the reference is a frozen copy of ``params``, held in ``extras``."""
-        extras = {"ref_params": T.tree_map(torch.clone, params)} if self.needs_reference else {}
+    def init(self, params: dict, *, seed: int = 0) -> TrainState:
+        """A fresh ``TrainState``. For DPO the reference is a frozen copy of ``params``, held in ``extras``.
+
+        With LoRA, ``params`` is the base: the state's params are fresh adapters (``lora.init(params,
+        config, seed)``), the base is held, not copied, in ``extras["lora_base"]`` and is also DPO's
+        reference; ``seed`` also seeds the adapters' dropout masks.
+        """
         scaler = amp.scaler_init() if self.loss_scaling else None
+        if self.lora is not None:
+            extras = {"lora_base": dict(params), "lora_seed": torch.tensor(int(seed), dtype=torch.int64)}
+            return init_train_state(lora.init(params, self.lora, seed), self.optimizer, scaler=scaler,
+                                    extras=extras)
+        extras = {"ref_params": T.tree_map(torch.clone, params)} if self.needs_reference else {}
         return init_train_state(params, self.optimizer, scaler=scaler, extras=extras)
+
+    def saved_state(self, state: TrainState) -> TrainState:
+        """What a checkpoint holds of ``state``: all of it, except a LoRA run's frozen base
+        (its checkpoints keep the adapters; the base is read again from where it came from)."""
+        if self.lora is None:
+            return state
+        return state._replace(extras={k: v for k, v in state.extras.items() if k != "lora_base"})
+
+    def with_base(self, saved: TrainState, base: dict) -> TrainState:
+        """The inverse of :meth:`saved_state`: a loaded LoRA state with its base ``base`` put back."""
+        if self.lora is None:
+            return saved
+        return saved._replace(extras={**saved.extras, "lora_base": dict(base)})
+
+    def full_params(self, state: TrainState) -> dict:
+        """The model's params this state stands for: ``state.params``, or with LoRA the base with
+        the adapters merged in (for generation and export)."""
+        if self.lora is None:
+            return state.params
+        return lora.merge(state.extras["lora_base"], state.params, self.lora)
 
     def evaluate(self, state: TrainState, batches: Iterable[dict]) -> dict[str, float]:
         """Token-weighted (pair-weighted for DPO) means of the loss and metrics over ``batches``.
@@ -260,7 +293,7 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
                    label_smoothing: float = 0.0, gamma: float = 0.5, precomputed_reference: bool = False,
                    grad_path: str = "auto", adamw_impl: str = "auto", compile: bool | str | Callable = False,
                    loss_fn: Callable | None = None, grad_sync: Callable | None = None,
-                   memory: MemoryConfig | None = None) -> Trainer:
+                   memory: MemoryConfig | None = None, lora: LoraConfig | None = None) -> Trainer:
     """Build the trainer for ``kind`` ("pretrain", "sft" or "dpo").
 
     Every keyword overrides one default: the optimizer (``learning_rate``
@@ -276,7 +309,10 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     stage is added. ``grad_sync`` is handed to ``make_train_step`` as ``sync``
     (the data-parallel all-reduce). ``memory`` (a :class:`MemoryConfig`) switches on
     memory strategies; where it sets mixed precision or accumulation, it takes
-    precedence over ``precision`` and ``accumulation_steps``.
+    precedence over ``precision`` and ``accumulation_steps``. ``lora`` (a
+    :class:`~minillm_func.lora.LoraConfig`) trains low-rank adapters over a frozen base:
+    ``trainer.init(base_params)`` makes a state whose params are the adapters; a
+    ``loss_fn`` given with it is written over the full params (base and adapters in one dict).
     """
     if kind not in KINDS:
         raise ValueError(f"create_trainer: kind must be one of {KINDS}, got {kind!r}.")
@@ -288,7 +324,10 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     lr = default_learning_rate(kind) if learning_rate is None else learning_rate
     lr_schedule = schedule if schedule is not None else schedules.cosine_annealing(lr, T_max=T_max, eta_min=eta_min)
     policy = _policy(precision)
-    head = make_head(model, policy, memory)
+    if lora is not None and not isinstance(lora, LoraConfig):
+        raise ValueError(f"create_trainer: lora must be a minillm_func.lora.LoraConfig, got {type(lora).__name__}.")
+    base_head = make_head(model, policy, memory)
+    head = make_head(lora_apply(model, lora), policy, memory) if lora is not None else base_head
     if memory.activation_checkpointing:
         if compile or grad_path == "func":
             raise ValueError(
@@ -304,6 +343,12 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
         else:
             loss_fn = dpo_objective(head, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                     gamma=gamma)
+    needs_reference = kind == "dpo" and loss_type != "simpo" and not precomputed_reference
+    if lora is not None:
+        # DPO's reference is the base itself, adapters off: no second copy of the model.
+        reference = (lambda base, batch: pair_logps(base_head, base, batch)[:2]) if needs_reference else None
+        loss_fn = lora_objective(loss_fn, lora, reference=reference)
+        needs_reference = False
     adamw = optim.adamw(lr_schedule, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay,
                         mask=decay_mask, impl=adamw_impl)
     optimizer = optim.chain(optim.clip_by_global_norm(max_grad_norm), adamw) if max_grad_norm else optim.chain(adamw)
@@ -325,10 +370,11 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     if kind == "dpo":
         config.update(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
                       precomputed_reference=precomputed_reference)
-    needs_reference = kind == "dpo" and loss_type != "simpo" and not precomputed_reference
+    if lora is not None:
+        config["lora"] = dataclasses.asdict(lora)
     config["memory"] = dataclasses.asdict(memory)
     return Trainer(kind, model, loss_fn, optimizer, step, lr_schedule, config, scaling, needs_reference, memory,
-                   window_step, accumulation_steps)
+                   window_step, accumulation_steps, lora)
 
 
 def _policy(precision) -> amp.Policy:
