@@ -107,10 +107,14 @@ _functorch_wrapped = under_transform
 
 def all_finite(tree: PyTree) -> torch.Tensor:
     """A 0-d bool tensor: true when no leaf holds an inf or a NaN (no host sync)."""
-    xs = leaves(tree)
+    xs = [x for x in leaves(tree) if x.is_floating_point() and x.numel()]  # integers are always finite
     if not xs:
         return torch.ones((), dtype=torch.bool)
-    return torch.stack([torch.isfinite(x).all() for x in xs]).all()
+    if under_transform(xs):  # foreach kernels have no vmap batching rule
+        return torch.stack([torch.isfinite(x).all() for x in xs]).all()
+    # One fused read of every leaf: the largest |x| is finite exactly when every element is
+    # (a NaN propagates through the max), with no boolean tensor the size of the leaf.
+    return torch.isfinite(torch.stack(torch._foreach_norm(xs, float("inf")))).all()
 
 
 def select(pred: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:
