@@ -326,8 +326,7 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     policy = _policy(precision)
     if lora is not None and not isinstance(lora, LoraConfig):
         raise ValueError(f"create_trainer: lora must be a minillm_func.lora.LoraConfig, got {type(lora).__name__}.")
-    base_head = make_head(model, policy, memory)
-    head = make_head(lora_apply(model, lora), policy, memory) if lora is not None else base_head
+    head = make_head(lora_apply(model, lora) if lora is not None else model, policy, memory)
     if memory.activation_checkpointing:
         if compile or grad_path == "func":
             raise ValueError(
@@ -345,8 +344,12 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
                                     gamma=gamma)
     needs_reference = kind == "dpo" and loss_type != "simpo" and not precomputed_reference
     if lora is not None:
-        # DPO's reference is the base itself, adapters off: no second copy of the model.
-        reference = (lambda base, batch: pair_logps(base_head, base, batch)[:2]) if needs_reference else None
+        # DPO's reference is the base itself, adapters off: no second copy of the model. Its
+        # log-probs need no gradient, so they are taken chunk by chunk from the hidden states:
+        # the reference pass never holds a [tokens, vocab] logits tensor.
+        ref_head = make_head(model, policy, dataclasses.replace(memory, chunked_loss=True,
+                                                                activation_checkpointing=False))
+        reference = (lambda base, batch: pair_logps(ref_head, base, batch)[:2]) if needs_reference else None
         loss_fn = lora_objective(loss_fn, lora, reference=reference)
         needs_reference = False
     adamw = optim.adamw(lr_schedule, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay,

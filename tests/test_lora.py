@@ -283,7 +283,10 @@ def test_dpo_with_lora_uses_the_base_as_reference_and_holds_no_copy():
     implicit, (_, m1) = trainer.loss_fn(state.params, batch, state.extras)
     explicit, (_, m2) = trainer.loss_fn(state.params, {**batch, "ref_chosen_logps": rc, "ref_rejected_logps": rr},
                                         state.extras)
-    assert torch.equal(implicit, explicit) and all(torch.equal(m1[k], m2[k]) for k in m1)
+    # the reference pass is chunked (no full logits): equal to float32 rounding
+    torch.testing.assert_close(implicit, explicit, rtol=1e-6, atol=1e-6)
+    for k in m1:
+        torch.testing.assert_close(m1[k], m2[k], rtol=1e-5, atol=1e-6)
     assert float(m1["rewards/margins"]) != 0.0  # the adapters moved the policy off the reference
 
 
