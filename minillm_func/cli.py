@@ -77,7 +77,9 @@ TRAIN_SETTINGS = {
     "warmup_steps": (0, int, "linear warm-up updates; > 0 selects warmup_cosine"),
     "precision": ("fp32", str, "fp32 or bf16 (fp16 needs a CUDA GPU)"),
     "beta": (0.1, float, "DPO beta"),
-    "loss_type": ("sigmoid", str, "DPO loss: sigmoid, robust, ipo, hinge, simpo"),
+    "loss_type": ("sigmoid", str, "DPO loss type (sigmoid, ipo, simpo, ... every TRL type), or a comma-separated "
+                                  "list of them combined, e.g. sigmoid,sft (RPO)"),
+    "loss_weights": (None, str, "DPO: comma-separated weights of the --loss-type list (default: all 1)"),
     "label_smoothing": (0.0, float, "DPO label smoothing"),
     "precompute_reference": (False, bool, "DPO: compute reference log-probs once, keep no reference model"),
     "pack": (True, bool, "pretraining: pack documents into full blocks"),
@@ -244,13 +246,30 @@ def _check_type(name: str, value, where: str) -> None:
         raise UsageError(f"{name} must be {want}, got {value!r} ({where}).")
 
 
+def _loss_types(text: str) -> str | list[str]:
+    """``--loss-type``: one name, or a comma-separated list of them."""
+    types = [t.strip() for t in str(text).split(",") if t.strip()]
+    return types[0] if len(types) == 1 else types
+
+
+def _loss_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in str(text).split(",")]
+    except ValueError:
+        raise UsageError(f"--loss-weights must be comma-separated numbers, e.g. 1,0.5; got {text!r}.") from None
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def _validate(s: dict, kind: str) -> None:
     """Refuse settings that cannot mean what they say; run before any data is read."""
-    from .losses import DPO_LOSS_TYPES
+    import torch
+
+    from .losses import DPO_LOSS_TYPES, dpo_loss
 
     def need(cond, message):
         if not cond:
@@ -283,8 +302,20 @@ def _validate(s: dict, kind: str) -> None:
          "--precision fp16 needs a CUDA GPU (loss-scaled float16), and this command trains on the CPU; "
          "use --precision bf16 (or fp32).")
     if kind == "dpo":
-        need(s["loss_type"] in DPO_LOSS_TYPES,
-             f"--loss-type must be one of {', '.join(DPO_LOSS_TYPES)}, got {s['loss_type']!r}.")
+        types = _loss_types(s["loss_type"])
+        types = [types] if isinstance(types, str) else types
+        unknown = [t for t in types if t not in DPO_LOSS_TYPES]
+        need(not unknown, f"--loss-type must be one (or a comma-separated list) of {', '.join(DPO_LOSS_TYPES)}, "
+                          f"got {unknown[0] if unknown else ''!r}.")
+        weights = _loss_weights(s["loss_weights"])
+        need(weights is None or len(weights) == len(types),
+             f"--loss-weights gives {len(weights or ())} weights for the {len(types)} loss types of --loss-type.")
+        try:  # the loss's own checks (a hyper-parameter out of its range for this type, ...)
+            one = torch.ones(1)
+            dpo_loss(-one, -2 * one, -one, -2 * one, chosen_counts=one, rejected_counts=one, beta=s["beta"],
+                     loss_type=types, loss_weights=weights, label_smoothing=s["label_smoothing"])
+        except ValueError as e:
+            need(False, f"--loss-type {s['loss_type']}: {_one_line(e)}")
         need(math.isfinite(s["beta"]) and s["beta"] > 0, f"--beta must be a positive number, got {s['beta']}.")
         need(0 <= s["label_smoothing"] < 0.5, f"--label-smoothing must lie in [0, 0.5), got {s['label_smoothing']}.")
     need(s["lora_rank"] >= 0, f"--lora-rank must be >= 0 (0: no LoRA), got {s['lora_rank']}.")
@@ -595,7 +626,8 @@ def _train(args) -> None:
     trainer = create_trainer(args.kind, model, learning_rate=s["learning_rate"], weight_decay=s["weight_decay"],
                              max_grad_norm=s["max_grad_norm"] or None, T_max=s["T_max"], schedule=schedule,
                              accumulation_steps=s["accumulation_steps"], precision=s["precision"],
-                             beta=s["beta"], loss_type=s["loss_type"], label_smoothing=s["label_smoothing"],
+                             beta=s["beta"], loss_type=_loss_types(s["loss_type"]),
+                             loss_weights=_loss_weights(s["loss_weights"]), label_smoothing=s["label_smoothing"],
                              precomputed_reference=precompute, compile=s["compile"],
                              grad_sync=distributed.make_grad_sync() if world > 1 else None, lora=lora_cfg)
     if precompute:
@@ -770,7 +802,8 @@ def _eval(args) -> None:
     settings = {}
     if kind == trained_as == "dpo":  # score with the loss the checkpoint was trained with
         tc = meta.get("trainer_config", {})
-        settings = {k: tc[k] for k in ("beta", "loss_type", "label_smoothing", "gamma") if k in tc}
+        settings = {k: tc[k] for k in ("beta", "loss_type", "label_smoothing", "gamma", "loss_weights",
+                                       "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau") if k in tc}
     data = load_dataset(args.data, tok, min(model.config.max_seq_len, 4096), kind=kind)
     trainer = create_trainer(kind, model, **settings)
     if kind == "dpo":
@@ -784,11 +817,13 @@ def _eval(args) -> None:
 
 def _reference_params(args, meta, state, trained_as, label):
     """The DPO reference: --ref, else the checkpoint's own frozen one, else the model the run started from."""
+    from .losses import dpo_needs_reference
+
     if args.ref:
         return _load_checkpoint(args.ref, "--ref")[0].params
     if "ref_params" in getattr(state, "extras", {}):
         return state.extras["ref_params"]
-    if trained_as == "dpo" and meta.get("trainer_config", {}).get("loss_type") == "simpo":
+    if trained_as == "dpo" and not dpo_needs_reference(meta.get("trainer_config", {}).get("loss_type", "sigmoid")):
         return None
     if trained_as == "dpo":
         init, hf_model = meta.get("init"), meta.get("hf_model")

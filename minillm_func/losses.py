@@ -26,7 +26,7 @@ from .labels import IGNORE_INDEX, require_integer_ids
 
 __all__ = [
     "IGNORE_INDEX", "pretrain_loss", "sft_masked_loss", "sequence_logps", "dpo_loss", "DPO_LOSS_TYPES",
-    "check_logits_labels", "normalise",
+    "check_logits_labels", "normalise", "dpo_needs_reference",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
@@ -36,6 +36,7 @@ _F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_diver
 _SMOOTHING_BOUNDS = {"sigmoid": (0.0, 1.0, "[0, 1]"), "simpo": (0.0, 1.0, "[0, 1]"), "aot": (0.0, 1.0, "[0, 1]"),
                      "aot_unpaired": (0.0, 1.0, "[0, 1]"), "robust": (0.0, 0.5, "[0, 0.5)"),
                      "exo_pair": (0.0, 1.0, "(0, 1)")}
+_REFERENCE_FREE = ("simpo", "sft")  # the types that read no reference log-probs
 _LENGTH_NORMALISED = ("ipo", "simpo", "sigmoid_norm")  # need chosen_counts and rejected_counts
 _NO_SCORE = ("simpo", "sft", "aot", "aot_unpaired", "apo_zero")  # types the f-divergence does not reach
 
@@ -304,7 +305,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     types, weights = _dpo_loss_types(loss_type, loss_weights)
     _check_dpo_hyper(types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
                      bco_delta)
-    needs_ref = [t for t in types if t not in ("simpo", "sft")]
+    needs_ref = [t for t in types if t not in _REFERENCE_FREE]
     if needs_ref and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(
             f"dpo_loss: loss_type={needs_ref[0]!r} needs the reference log-probs (ref_chosen_logps, "
@@ -341,6 +342,12 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
             "logps/rejected": policy_rejected_logps.detach().mean(),
         }
     return loss, metrics
+
+
+def dpo_needs_reference(loss_type: str | Sequence[str]) -> bool:
+    """Whether :func:`dpo_loss` with this ``loss_type`` (a name or a list) reads reference log-probs."""
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    return any(t not in _REFERENCE_FREE for t in types)
 
 
 class _PairInputs(NamedTuple):

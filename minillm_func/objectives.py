@@ -14,14 +14,14 @@ the last hidden state, chunk by chunk (:func:`chunked_head`).
 from __future__ import annotations
 
 import copy
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
 from . import amp
 from .chunked import chunked_cross_entropy, chunked_sequence_logps
 from .labels import IGNORE_INDEX
-from .losses import dpo_loss, pretrain_loss, sequence_logps, sft_masked_loss
+from .losses import dpo_loss, dpo_needs_reference, pretrain_loss, sequence_logps, sft_masked_loss
 from .memory import MemoryConfig
 from .model import Model, output_weight
 
@@ -116,21 +116,30 @@ def pair_logps(head: Head | Callable, params, batch):
     return logps[:B], logps[B:], counts[:B], counts[B:]
 
 
-def dpo_objective(head: Head | Callable, *, beta: float = 0.1, loss_type: str = "sigmoid",
-                  label_smoothing: float = 0.0, gamma: float = 0.5) -> Callable:
+def dpo_objective(head: Head | Callable, *, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
+                  label_smoothing: float = 0.0, gamma: float = 0.5, **loss_options) -> Callable:
     """``dpo_loss`` summed over pairs. Reference log-probs come from the batch
     (``ref_chosen_logps`` / ``ref_rejected_logps``, see :func:`add_reference_logps`)
-    or from the frozen ``extras["ref_params"]``, never differentiated."""
+    or from the frozen ``extras["ref_params"]``, never differentiated; a reference-free
+    ``loss_type`` (``"simpo"``, ``"sft"``) reads neither. ``loss_options``: the rest of
+    :func:`~minillm_func.losses.dpo_loss`'s keywords (``loss_weights``, ``f_divergence_type``, ...).
+
+    The loss is summed per micro-batch and divided by the window's pair count, so
+    accumulation is exact for every type whose loss is a sum over pairs; the
+    batch-level ``aot`` types sort within each micro-batch.
+    """
     head = _as_head(head)
-    dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=beta, loss_type=loss_type,
-             label_smoothing=label_smoothing, gamma=gamma, chosen_counts=torch.ones(1),
-             rejected_counts=torch.ones(1))  # validate the hyper-parameters now, not at the first step
+    options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, **loss_options)
+    one = torch.ones(1)
+    dpo_loss(one * -1, one * -2, one * -1, one * -2, chosen_counts=one, rejected_counts=one,
+             **options)  # validate the hyper-parameters now, not at the first step
+    reference = dpo_needs_reference(loss_type)
 
     def loss_fn(params, batch, extras):
         pc, pr, nc, nr = pair_logps(head, params, batch)
         if "ref_chosen_logps" in batch:
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        elif loss_type == "simpo":
+        elif not reference:
             rc = rr = None
         else:
             if "ref_params" not in extras:
@@ -138,8 +147,7 @@ def dpo_objective(head: Head | Callable, *, beta: float = 0.1, loss_type: str = 
                                  "build the state with trainer.init(params), or add_reference_logps to the data.")
             with torch.no_grad():
                 rc, rr, _, _ = pair_logps(head, extras["ref_params"], batch)
-        loss, metrics = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                                 gamma=gamma, chosen_counts=nc, rejected_counts=nr, num_pairs=1)
+        loss, metrics = dpo_loss(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr, num_pairs=1, **options)
         return loss, (torch.tensor(pc.shape[0]), metrics)
 
     return loss_fn

@@ -25,6 +25,7 @@ from .lora import LoraConfig
 from .lora import apply as lora_apply
 from .lora import objective as lora_objective
 from .memory import DynamicBatchSizer, MemoryConfig, MemoryMonitor
+from .losses import dpo_needs_reference
 from .model import Model
 from .objectives import dpo_objective, make_head, pair_logps, pretrain_objective, sft_objective
 from .stages import KINDS, default_learning_rate
@@ -289,8 +290,10 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, max_grad_norm: float | None = 1.0,
                    T_max: int = 1000, eta_min: float = 0.0, schedule: Callable | None = None,
                    decay_mask=None, accumulation_steps: int = 1, precision: str | amp.Policy | None = None,
-                   loss_scaling: bool | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
-                   label_smoothing: float = 0.0, gamma: float = 0.5, precomputed_reference: bool = False,
+                   loss_scaling: bool | None = None, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
+                   label_smoothing: float = 0.0, gamma: float = 0.5, loss_weights: Sequence[float] | None = None,
+                   f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+                   discopop_tau: float = 0.05, precomputed_reference: bool = False,
                    grad_path: str = "auto", adamw_impl: str = "auto", compile: bool | str | Callable = False,
                    loss_fn: Callable | None = None, grad_sync: Callable | None = None,
                    memory: MemoryConfig | None = None, lora: LoraConfig | None = None) -> Trainer:
@@ -334,6 +337,8 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
                 "(torch.utils.checkpoint does not run under torch.func.grad, which compile and "
                 "grad_path='func' use); drop one of them.")
         grad_path = "autograd"
+    dpo_options = dict(loss_weights=loss_weights, f_divergence_type=f_divergence_type,
+                       f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
     if loss_fn is None:
         if kind == "pretrain":
             loss_fn = pretrain_objective(head)
@@ -341,8 +346,8 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
             loss_fn = sft_objective(head)
         else:
             loss_fn = dpo_objective(head, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                                    gamma=gamma)
-    needs_reference = kind == "dpo" and loss_type != "simpo" and not precomputed_reference
+                                    gamma=gamma, **dpo_options)
+    needs_reference = kind == "dpo" and dpo_needs_reference(loss_type) and not precomputed_reference
     if lora is not None:
         # DPO's reference is the base itself, adapters off: no second copy of the model. Its
         # log-probs need no gradient, so they are taken chunk by chunk from the hidden states:
@@ -371,8 +376,9 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
               "custom_schedule": schedule is not None, "accumulation_steps": accumulation_steps,
               "precision": str(policy.compute_dtype), "loss_scaling": scaling, "compile": compile}
     if kind == "dpo":
-        config.update(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
-                      precomputed_reference=precomputed_reference)
+        config.update(beta=beta, loss_type=loss_type if isinstance(loss_type, str) else list(loss_type),
+                      label_smoothing=label_smoothing, gamma=gamma, precomputed_reference=precomputed_reference,
+                      **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dpo_options.items()})
     if lora is not None:
         config["lora"] = dataclasses.asdict(lora)
     config["memory"] = dataclasses.asdict(memory)

@@ -57,8 +57,11 @@ def dpo_data():
 
 
 def make_trainer(kind, grad_sync=None):
+    """``kind``: a stage, or "dpo_lora" (DPO training LoRA adapters over the frozen params)."""
     model = mf.build_model(CFG)
-    return mf.create_trainer(kind, model, learning_rate=1e-2, accumulation_steps=ACCUM, grad_sync=grad_sync)
+    lora = mf.lora.LoraConfig(rank=2, alpha=4, targets=("wq", "w2")) if kind == "dpo_lora" else None
+    return mf.create_trainer(kind.removesuffix("_lora"), model, learning_rate=1e-2, accumulation_steps=ACCUM,
+                             grad_sync=grad_sync, lora=lora)
 
 
 def params0():
@@ -66,7 +69,7 @@ def params0():
 
 
 def data_for(kind):
-    return pretrain_data() if kind == "pretrain" else dpo_data()
+    return pretrain_data() if kind == "pretrain" else dpo_data()  # dpo, dpo_lora
 
 
 def fit(trainer, kind, state, steps, *, rank=0, world_size=1, position=(0, 0), out_dir=None):
@@ -114,8 +117,8 @@ def _ranks_main(out: Path):
     y = D.all_reduce_sum(x)
     report["all_reduce_sum"] = {"sum": y.tolist(), "dtype": str(y.dtype), "input_untouched": torch.equal(x, x_before)}
 
-    # 2. data-parallel pretrain and DPO through Trainer.fit, with accumulation.
-    for kind in ("pretrain", "dpo"):
+    # 2. data-parallel pretrain, DPO and LoRA DPO through Trainer.fit, with accumulation.
+    for kind in ("pretrain", "dpo", "dpo_lora"):
         trainer = make_trainer(kind, D.make_grad_sync(bucket_bytes=16 * 1024))
         state = fit(trainer, kind, trainer.init(params0()), STEPS, rank=r, world_size=n)
         save_params(out / f"dp_{kind}_rank{r}.safetensors", state.params)
@@ -291,7 +294,7 @@ def two_ranks(tmp_path_factory):
 def single():
     """Single-process runs on the same global batches (computed once, shared by the tests)."""
     runs = {}
-    for kind in ("pretrain", "dpo"):
+    for kind in ("pretrain", "dpo", "dpo_lora"):
         trainer = make_trainer(kind)
         runs[kind] = fit(trainer, kind, trainer.init(params0()), STEPS).params
     trainer = make_trainer("pretrain")
@@ -380,14 +383,15 @@ def test_grad_sync_sums_buckets_counts_and_losses_without_touching_inputs(two_ra
     assert s0["inputs_untouched"]
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "dpo"])
+@pytest.mark.parametrize("kind", ["pretrain", "dpo", "dpo_lora"])
 def test_two_processes_take_the_single_process_update(two_ranks, single, kind):
     out, _ = two_ranks
     rank0, rank1 = (load_params(out / f"dp_{kind}_rank{r}.safetensors") for r in range(2))
     for k in rank0:  # replicas stay in lockstep: the same summed gradient, the same update
         assert torch.equal(rank0[k], rank1[k]), k
     assert_close(rank0, single[kind])
-    moved = max((rank0[k] - params0()[k]).abs().max().item() for k in rank0)
+    start = params0() if kind != "dpo_lora" else make_trainer(kind).init(params0()).params  # the adapters
+    moved = max((rank0[k] - start[k]).abs().max().item() for k in rank0)
     assert moved > 1e-3  # 5 updates at lr 1e-2 really moved the params
 
 

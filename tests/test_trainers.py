@@ -188,3 +188,19 @@ def test_bad_trainer_arguments_raise_clear_errors():
         mf.create_trainer("dpo", model, beta=0.0)
     with pytest.raises(ValueError, match="accumulation_steps"):
         mf.create_trainer("sft", model, accumulation_steps=0)
+
+
+def test_a_weighted_list_of_dpo_losses_trains_on_their_weighted_sum():
+    # RPO = sigmoid + w * sft: the trainer's loss equals the weighted sum of the two single-type trainers'
+    model = mf.build_model(mf.ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16))
+    params = model.init(0, dtype=torch.float64)
+    batch = next(iter(dpo_batches(1)))
+    rpo = mf.create_trainer("dpo", model, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    parts = [mf.create_trainer("dpo", model, loss_type=t) for t in ("sigmoid", "sft")]
+    state = rpo.init(params)
+    total = rpo.loss_fn(state.params, batch, state.extras)[0]
+    each = [t.loss_fn(params, batch, t.init(params).extras)[0] for t in parts]
+    torch.testing.assert_close(total, each[0] + 0.5 * each[1], rtol=1e-12, atol=0)
+    # a reference-free type keeps no reference copy
+    assert "ref_params" not in parts[1].init(params).extras and "ref_params" in state.extras
+    assert rpo.config["loss_type"] == ["sigmoid", "sft"] and rpo.config["loss_weights"] == [1.0, 0.5]
