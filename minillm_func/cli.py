@@ -1,10 +1,13 @@
 """The ``minillm-func`` command.
 
     minillm-func demo [--out runs/demo]                   # pretrain -> SFT -> DPO on the built-in corpus
-    minillm-func train {pretrain,sft,dpo} --data FILE --out DIR [--init RUN | --model HF_DIR] [--resume]
+    minillm-func train {pretrain,sft,dpo,grpo} --data FILE --out DIR [--init RUN | --model HF_DIR] [--resume]
     minillm-func generate (--ckpt RUN | --model HF_DIR) --prompt TEXT [--chat] [--max-new-tokens N] ...
     minillm-func eval (--ckpt RUN | --model HF_DIR) --data FILE [--kind pretrain|sft|dpo]
     minillm-func export --ckpt RUN --out HF_DIR [--peft]       # a Hugging Face folder transformers loads
+
+``train grpo --data prompts.jsonl --rewards exact_match`` trains on ``{"prompt", "answer"}``
+records by sampling ``--num-generations`` completions per prompt and rewarding them.
 
 ``train ... --lora-rank R [--lora-alpha A] [--lora-targets wq,wv]`` trains LoRA
 adapters over the frozen ``--init``/``--model`` (checkpoints hold the adapters;
@@ -76,11 +79,23 @@ TRAIN_SETTINGS = {
     "T_max": (None, int, "cosine annealing period (default: the run's number of updates)"),
     "warmup_steps": (0, int, "linear warm-up updates; > 0 selects warmup_cosine"),
     "precision": ("fp32", str, "fp32 or bf16 (fp16 needs a CUDA GPU)"),
-    "beta": (0.1, float, "DPO beta"),
-    "loss_type": ("sigmoid", str, "DPO loss type (sigmoid, ipo, simpo, ... every TRL type), or a comma-separated "
-                                  "list of them combined, e.g. sigmoid,sft (RPO)"),
+    "beta": (None, float, "DPO beta (default 0.1); GRPO: the weight of the KL term to the initial model "
+                          "(default 0.0: none)"),
+    "loss_type": (None, str, "DPO loss type (default sigmoid; ipo, simpo, ... every TRL type), or a comma-"
+                             "separated list of them combined, e.g. sigmoid,sft (RPO); GRPO: grpo, bnpo, dr_grpo or "
+                             "dapo (default)"),
     "loss_weights": (None, str, "DPO: comma-separated weights of the --loss-type list (default: all 1)"),
     "label_smoothing": (0.0, float, "DPO label smoothing"),
+    "rewards": ("exact_match", str, "GRPO reward functions, comma-separated: exact_match (the record's 'answer'), "
+                                    "format:REGEX (the whole completion matches)"),
+    "num_generations": (8, int, "GRPO: completions sampled per prompt"),
+    "max_completion_length": (32, int, "GRPO: most tokens per sampled completion"),
+    "temperature": (1.0, float, "GRPO: sampling temperature"),
+    "top_p": (None, float, "GRPO: nucleus sampling (default: off)"),
+    "scale_rewards": ("group", str, "GRPO: divide advantages by the std of the group, the batch, or none"),
+    "epsilon": (0.2, float, "GRPO: clipping range of the importance ratio"),
+    "epsilon_high": (None, float, "GRPO: upper clipping range (default: --epsilon; DAPO uses 0.28)"),
+    "importance_sampling_level": ("token", str, "GRPO: token, or sequence (GSPO)"),
     "precompute_reference": (False, bool, "DPO: compute reference log-probs once, keep no reference model"),
     "pack": (True, bool, "pretraining: pack documents into full blocks"),
     "eval_data": (None, str, "held-out file, evaluated at step 0 and every --eval-every updates"),
@@ -246,6 +261,10 @@ def _check_type(name: str, value, where: str) -> None:
         raise UsageError(f"{name} must be {want}, got {value!r} ({where}).")
 
 
+def _reward_specs(text: str) -> list[str]:
+    return [r.strip() for r in str(text).split(",") if r.strip()]
+
+
 def _loss_types(text: str) -> str | list[str]:
     """``--loss-type``: one name, or a comma-separated list of them."""
     types = [t.strip() for t in str(text).split(",") if t.strip()]
@@ -317,6 +336,32 @@ def _validate(s: dict, kind: str) -> None:
         except ValueError as e:
             need(False, f"--loss-type {s['loss_type']}: {_one_line(e)}")
         need(math.isfinite(s["beta"]) and s["beta"] > 0, f"--beta must be a positive number, got {s['beta']}.")
+    if kind == "grpo":
+        from .losses import GRPO_LOSS_TYPES
+        from .rl import reward_by_name
+
+        need(s["loss_type"] in GRPO_LOSS_TYPES,
+             f"--loss-type for grpo must be one of {', '.join(GRPO_LOSS_TYPES)}, got {s['loss_type']!r}.")
+        need(math.isfinite(s["beta"]) and s["beta"] >= 0, f"--beta (the KL weight) must be >= 0, got {s['beta']}.")
+        need(s["num_generations"] >= 2, f"--num-generations must be >= 2 (advantages compare the completions "
+                                        f"of one prompt), got {s['num_generations']}.")
+        need(1 <= s["max_completion_length"] < s["max_length"],
+             f"--max-completion-length must lie in [1, --max-length) so a prompt fits beside it, got "
+             f"{s['max_completion_length']} with --max-length {s['max_length']}.")
+        need(math.isfinite(s["temperature"]) and s["temperature"] > 0,
+             f"--temperature must be positive (GRPO samples), got {s['temperature']}.")
+        need(s["top_p"] is None or 0 < s["top_p"] <= 1, f"--top-p must lie in (0, 1], got {s['top_p']}.")
+        need(s["scale_rewards"] in ("group", "batch", "none"),
+             f"--scale-rewards must be group, batch or none, got {s['scale_rewards']!r}.")
+        need(0 <= s["epsilon"] < 1, f"--epsilon must lie in [0, 1), got {s['epsilon']}.")
+        need(s["epsilon_high"] is None or s["epsilon_high"] >= 0, f"--epsilon-high must be >= 0, got {s['epsilon_high']}.")
+        need(s["importance_sampling_level"] in ("token", "sequence"),
+             f"--importance-sampling-level must be token or sequence, got {s['importance_sampling_level']!r}.")
+        for spec in _reward_specs(s["rewards"]):
+            try:
+                reward_by_name(spec)
+            except ValueError as e:
+                need(False, f"--rewards: {_one_line(e)}")
         need(0 <= s["label_smoothing"] < 0.5, f"--label-smoothing must lie in [0, 0.5), got {s['label_smoothing']}.")
     need(s["lora_rank"] >= 0, f"--lora-rank must be >= 0 (0: no LoRA), got {s['lora_rank']}.")
     if s["lora_rank"]:
@@ -485,6 +530,10 @@ def _resolve(s: dict, kind: str, init_meta: dict | None, what: str = "--init") -
     s["tokenizer"] = _FROM_SOURCE[what] if init_meta is not None else (s["tokenizer"] or "byte")
     if s["learning_rate"] is None:
         s["learning_rate"] = default_learning_rate(kind)
+    if s["beta"] is None:
+        s["beta"] = 0.0 if kind == "grpo" else 0.1
+    if s["loss_type"] is None:
+        s["loss_type"] = "dapo" if kind == "grpo" else "sigmoid"
     if s["schedule"] is None:
         s["schedule"] = "warmup_cosine" if s["warmup_steps"] > 0 else "cosine"
     if s["steps"] is not None and s["epochs"] is not None:
@@ -608,7 +657,9 @@ def _train(args) -> None:
         params = init_state.params
     lora_cfg = _lora_config(s, params)
 
-    data = load_dataset(data_path, tok, s["max_length"], kind=args.kind, pack=s["pack"])
+    # GRPO's records are prompts: each keeps room for its completion within --max-length.
+    item_length = s["max_length"] - s["max_completion_length"] if args.kind == "grpo" else s["max_length"]
+    data = load_dataset(data_path, tok, item_length, kind=args.kind, pack=s["pack"])
     batches_per_epoch = math.ceil(len(data) / s["batch_size"])
     if s["steps"] is None:
         s["steps"] = max(1, (s["epochs"] or 0) * batches_per_epoch // s["accumulation_steps"]) \
@@ -629,7 +680,8 @@ def _train(args) -> None:
                              beta=s["beta"], loss_type=_loss_types(s["loss_type"]),
                              loss_weights=_loss_weights(s["loss_weights"]), label_smoothing=s["label_smoothing"],
                              precomputed_reference=precompute, compile=s["compile"],
-                             grad_sync=distributed.make_grad_sync() if world > 1 else None, lora=lora_cfg)
+                             grad_sync=distributed.make_grad_sync() if world > 1 else None, lora=lora_cfg,
+                             **(_grpo_options(s, tok) if args.kind == "grpo" else {}))
     if precompute:
         data = add_reference_logps(model, params, data)
     state = trainer.init(params, seed=s["seed"])
@@ -667,7 +719,7 @@ def _train(args) -> None:
                       rank=distributed.rank(), world_size=world)
     eval_batches = None
     if s["eval_data"]:
-        held = load_dataset(s["eval_data"], tok, s["max_length"], kind=args.kind, pack=s["pack"])
+        held = load_dataset(s["eval_data"], tok, item_length, kind=args.kind, pack=s["pack"])
         if precompute:
             held = add_reference_logps(model, params, held)
         eval_batches = lambda: Batches(held, s["batch_size"], shuffle=False, epochs=1,  # noqa: E731
@@ -680,6 +732,17 @@ def _train(args) -> None:
     if main:
         print(f"{args.kind}: checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'}")
     distributed.shutdown()
+
+
+def _grpo_options(s: dict, tok) -> dict:
+    """create_trainer's GRPO keywords from the run's settings."""
+    from .rl import reward_by_name
+
+    return dict(tokenizer=tok, reward_fns=[reward_by_name(r) for r in _reward_specs(s["rewards"])],
+                num_generations=s["num_generations"], max_completion_length=s["max_completion_length"],
+                temperature=s["temperature"], top_p=s["top_p"], scale_rewards=s["scale_rewards"],
+                epsilon=s["epsilon"], epsilon_high=s["epsilon_high"],
+                importance_sampling_level=s["importance_sampling_level"], sampling_seed=s["seed"])
 
 
 def _lora_config(s: dict, params: dict):
@@ -804,7 +867,17 @@ def _eval(args) -> None:
         tc = meta.get("trainer_config", {})
         settings = {k: tc[k] for k in ("beta", "loss_type", "label_smoothing", "gamma", "loss_weights",
                                        "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau") if k in tc}
-    data = load_dataset(args.data, tok, min(model.config.max_seq_len, 4096), kind=kind)
+    length = min(model.config.max_seq_len, 4096)
+    if kind == "grpo":  # score sampled completions with the run's own rewards and sampling settings
+        from .rl import reward_by_name
+
+        tc = meta.get("trainer_config", {}) if trained_as == "grpo" else {}
+        settings = {k: tc[k] for k in ("num_generations", "max_completion_length", "temperature", "top_p",
+                                       "scale_rewards", "loss_type", "epsilon", "epsilon_high",
+                                       "importance_sampling_level", "sampling_seed") if tc.get(k) is not None}
+        settings.update(tokenizer=tok, reward_fns=[reward_by_name(r) for r in tc.get("rewards", ["exact_match"])])
+        length -= settings.get("max_completion_length", 32)
+    data = load_dataset(args.data, tok, length, kind=kind)
     trainer = create_trainer(kind, model, **settings)
     if kind == "dpo":
         ref = _reference_params(args, meta, state, trained_as, label)

@@ -292,15 +292,17 @@ def unmerge(merged: dict, adapters: dict, config: LoraConfig) -> dict:
 # --------------------------------------------------------------------------- training
 
 
-def objective(loss_fn: Callable, config: LoraConfig, *, reference: Callable | None = None) -> Callable:
+def objective(loss_fn: Callable, config: LoraConfig, *, reference: Callable | None = None,
+              reference_keys: tuple = ("ref_chosen_logps", "ref_rejected_logps")) -> Callable:
     """A stage loss over adapters: ``(adapters, batch, extras) -> loss_fn(combine(base, adapters), batch, rest)``.
 
     ``extras["lora_base"]`` is the frozen base (never differentiated: the gradient is taken with
     respect to the first argument only). With dropout, the mask key is
     ``(extras["lora_seed"], extras["rng"])`` where the step supplies ``rng``; without ``rng``
-    (evaluation) dropout is off. ``reference(base, batch) -> (ref_chosen_logps, ref_rejected_logps)``,
-    for DPO: the reference is the base with the adapters off, computed under ``no_grad`` unless the
-    batch already carries precomputed reference log-probs.
+    (evaluation) dropout is off. ``reference(base, batch) -> dict`` of the batch entries the stage
+    reads as its reference (``reference_keys``: DPO's ``ref_chosen_logps`` and ``ref_rejected_logps``,
+    GRPO's ``ref_logps``): the reference is the base with the adapters off, computed under
+    ``no_grad`` unless the batch already carries them.
     """
     def loss(adapters, batch, extras):
         base = extras["lora_base"]
@@ -308,10 +310,9 @@ def objective(loss_fn: Callable, config: LoraConfig, *, reference: Callable | No
         key = None
         if config.dropout and "rng" in extras:
             key = torch.cat([extras["lora_seed"].reshape(1), extras["rng"].reshape(2)]).to(torch.int64)
-        if reference is not None and "ref_chosen_logps" not in batch:
+        if reference is not None and not all(k in batch for k in reference_keys):
             with torch.no_grad():
-                rc, rr = reference(base, batch)
-            batch = {**batch, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+                batch = {**batch, **reference(base, batch)}
         return loss_fn(combine(base, adapters, config, key), batch, rest)
 
     return loss

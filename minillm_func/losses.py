@@ -26,7 +26,8 @@ from .labels import IGNORE_INDEX, require_integer_ids
 
 __all__ = [
     "IGNORE_INDEX", "pretrain_loss", "sft_masked_loss", "sequence_logps", "dpo_loss", "DPO_LOSS_TYPES",
-    "check_logits_labels", "normalise", "dpo_needs_reference",
+    "check_logits_labels", "normalise", "dpo_needs_reference", "token_logps", "grpo_loss", "grpo_count",
+    "GRPO_LOSS_TYPES",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
@@ -129,11 +130,20 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         ``(logps [B], counts [B])``; counts are int64.
     """
     check_logits_labels("sequence_logps", logits, labels)
+    return token_logps(logits, labels).sum(-1), (labels != IGNORE_INDEX).sum(-1)
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    r"""Per-position target log-probabilities ``[..., T]``: :math:`z_{t,y_t} - \operatorname{logsumexp}_v z_{t,v}`
+    where ``labels != IGNORE_INDEX``, 0 elsewhere (float32 for half-precision logits).
+
+    Gathered logit minus log-sum-exp: no ``[..., T, V]`` log-softmax is built.
+    """
+    check_logits_labels("token_logps", logits, labels)
     counted = labels != IGNORE_INDEX
     x = _upcast(logits)
     target = x.gather(-1, torch.where(counted, labels, 0).unsqueeze(-1)).squeeze(-1)
-    token_logps = torch.where(counted, target - torch.logsumexp(x, dim=-1), 0.0)
-    return token_logps.sum(-1), counted.sum(-1)
+    return torch.where(counted, target - torch.logsumexp(x, dim=-1), 0.0)
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -494,3 +504,117 @@ def _pair_rewards(types: tuple, x: _PairInputs) -> tuple[torch.Tensor, torch.Ten
     if kind in ("ipo", "sigmoid_norm"):
         r_w, r_l = r_w / x.nc.clamp_min(1), r_l / x.nr.clamp_min(1)
     return x.beta * r_w, x.beta * r_l
+
+
+# --------------------------------------------------------------------------- GRPO
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def grpo_count(loss_type: str, completion_mask: torch.Tensor) -> torch.Tensor:
+    """What ``grpo_loss`` of this ``loss_type`` divides by: the number of completions (grpo, dr_grpo)
+    or of completion tokens (bnpo, dapo). Summed over micro-batches (and processes) it is the
+    whole update's normaliser, so accumulation is exact."""
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"grpo_loss: unknown loss_type={loss_type!r}; choose one of {GRPO_LOSS_TYPES}.")
+    if loss_type in ("grpo", "dr_grpo"):
+        return torch.tensor(completion_mask.shape[0], device=completion_mask.device)
+    return completion_mask.sum()
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
+              advantages: torch.Tensor, completion_mask: torch.Tensor, *, loss_type: str = "dapo",
+              epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+              importance_sampling_level: str = "token", max_completion_length: int | None = None,
+              num_items=None):
+    r"""The clipped policy-gradient loss of GRPO (Shao et al., 2024, arXiv:2402.03300) and its variants.
+
+    Inputs per completion ``i`` and token ``t``: the policy's log-probs :math:`\ell_{i,t}` (``logps``,
+    ``[N, T]``), those of the policy that sampled them :math:`\ell^{old}_{i,t}` (``old_logps``;
+    None: ``logps`` detached, the ratio is exactly 1), the reference's (``ref_logps``, needed
+    when ``beta > 0``), the advantage :math:`A_i` (``[N]``) and the mask :math:`m_{i,t}` of
+    completion tokens. With :math:`\varepsilon_l` = ``epsilon``, :math:`\varepsilon_h` =
+    ``epsilon_high`` (default ``epsilon``):
+
+    .. math::
+
+        w_{i,t} = \exp(\ell_{i,t} - \ell^{old}_{i,t}) \;\text{(token level)}, \quad
+        w_{i} = \exp\Big(\frac{\sum_t m_{i,t}(\ell_{i,t} - \ell^{old}_{i,t})}{\sum_t m_{i,t}}\Big)
+        \;\text{(sequence level, GSPO, arXiv:2507.18071)}
+
+        l_{i,t} = -\min\big(w A_i,\ \operatorname{clip}(w, 1-\varepsilon_l, 1+\varepsilon_h) A_i\big)
+                  + \beta\,\big(e^{\ell^{ref} - \ell} - (\ell^{ref} - \ell) - 1\big)
+
+    (the last term is the k3 estimator of KL(policy || reference), Schulman 2020). The token
+    losses are reduced as TRL's ``loss_type`` says:
+
+    - ``"grpo"``: :math:`\frac1N \sum_i \frac{\sum_t m_{i,t} l_{i,t}}{\sum_t m_{i,t}}` (per-completion
+      means, then their mean: long completions weigh less per token);
+    - ``"bnpo"`` and ``"dapo"`` (DAPO, arXiv:2503.14476): :math:`\frac{\sum_{i,t} m_{i,t} l_{i,t}}{\sum_{i,t} m_{i,t}}`
+      over every completion token of the update. (TRL's ``bnpo`` divides by each micro-batch's
+      tokens, a mean of means under accumulation; here the normaliser is always the update's,
+      so the two coincide.)
+    - ``"dr_grpo"`` (Dr. GRPO, arXiv:2503.20783): :math:`\frac{\sum_{i,t} m_{i,t} l_{i,t}}{N \cdot L}`
+      with :math:`L` = ``max_completion_length``: no length bias.
+
+    The result is the sum over completions divided by ``num_items`` (default: what
+    :func:`grpo_count` gives for these inputs): pass ``num_items=1`` for the sum, and the
+    window's count, summed, to divide by, as the train step does.
+
+    Returns ``(loss, metrics)``: ``clip_ratio`` (share of completion tokens whose ratio was
+    clipped where it mattered: below :math:`1-\varepsilon_l` with :math:`A<0`, or above
+    :math:`1+\varepsilon_h` with :math:`A>0`), ``kl`` (mean k3 estimate per token, when
+    ``beta > 0``), ``advantage_std``; means over this call's tokens.
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"grpo_loss: unknown loss_type={loss_type!r}; choose one of {GRPO_LOSS_TYPES}.")
+    if importance_sampling_level not in ("token", "sequence"):
+        raise ValueError("grpo_loss: importance_sampling_level must be 'token' or 'sequence' (GSPO), "
+                         f"got {importance_sampling_level!r}.")
+    eps_low = epsilon
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    if not (0 <= eps_low < 1 and eps_high >= 0):
+        raise ValueError(f"grpo_loss: epsilon must lie in [0, 1) and epsilon_high be >= 0, got {epsilon}, "
+                         f"{epsilon_high}.")
+    if beta < 0:
+        raise ValueError(f"grpo_loss: beta (the KL weight) must be >= 0, got {beta}.")
+    if beta > 0 and ref_logps is None:
+        raise ValueError("grpo_loss: beta > 0 needs ref_logps (the reference's token log-probs); pass them, "
+                         "or beta=0.0 for no KL term.")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("grpo_loss: loss_type='dr_grpo' divides by max_completion_length; pass it.")
+    if logps.dim() != 2 or completion_mask.shape != logps.shape or advantages.shape != logps.shape[:1]:
+        raise ValueError(f"grpo_loss: expected logps and completion_mask [N, T] and advantages [N]; got "
+                         f"{tuple(logps.shape)}, {tuple(completion_mask.shape)}, {tuple(advantages.shape)}.")
+    mask = completion_mask.to(logps.dtype)
+    old = logps.detach() if old_logps is None else old_logps
+    log_ratio = logps - old
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp_min(1)).unsqueeze(-1)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(logps.dtype).unsqueeze(-1)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    kl = None
+    if beta > 0:
+        d = ref_logps - logps
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * kl
+    per_token = per_token * mask
+    if loss_type == "grpo":
+        total = (per_token.sum(-1) / mask.sum(-1).clamp_min(1)).sum()
+    elif loss_type == "dr_grpo":
+        total = per_token.sum() / max_completion_length
+    else:
+        total = per_token.sum()
+    loss = normalise(total, grpo_count(loss_type, completion_mask) if num_items is None else num_items, "grpo_loss")
+    with torch.no_grad():
+        tokens = mask.sum().clamp_min(1)
+        ratio_t = ratio.expand_as(mask)
+        region = ((ratio_t < 1 - eps_low) & (adv < 0)) | ((ratio_t > 1 + eps_high) & (adv > 0))
+        metrics = {"clip_ratio": (region.to(mask.dtype) * mask).sum() / tokens,
+                   "advantage_std": advantages.detach().float().std(unbiased=False)
+                   if advantages.numel() > 1 else torch.zeros(())}
+        if kl is not None:
+            metrics["kl"] = (kl * mask).sum() / tokens
+    return loss, metrics

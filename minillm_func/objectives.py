@@ -21,12 +21,13 @@ import torch
 from . import amp
 from .chunked import chunked_cross_entropy, chunked_sequence_logps
 from .labels import IGNORE_INDEX
-from .losses import dpo_loss, dpo_needs_reference, pretrain_loss, sequence_logps, sft_masked_loss
+from .losses import (dpo_loss, dpo_needs_reference, grpo_count, grpo_loss, pretrain_loss, sequence_logps,
+                     sft_masked_loss, token_logps)
 from .memory import MemoryConfig
 from .model import Model, output_weight
 
 __all__ = ["Head", "logits_head", "chunked_head", "make_head", "pretrain_objective", "sft_objective",
-           "dpo_objective", "pair_logps", "add_reference_logps"]
+           "dpo_objective", "grpo_objective", "pair_logps", "add_reference_logps"]
 
 
 # Each returns the micro-batch's *summed* loss and the count it sums over. The
@@ -149,6 +150,59 @@ def dpo_objective(head: Head | Callable, *, beta: float = 0.1, loss_type: str | 
                 rc, rr, _, _ = pair_logps(head, extras["ref_params"], batch)
         loss, metrics = dpo_loss(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr, num_pairs=1, **options)
         return loss, (torch.tensor(pc.shape[0]), metrics)
+
+    return loss_fn
+
+
+def grpo_objective(apply: Callable, *, loss_type: str = "dapo", epsilon: float = 0.2,
+                   epsilon_high: float | None = None, beta: float = 0.0, importance_sampling_level: str = "token",
+                   max_completion_length: int | None = None) -> Callable:
+    """``grpo_loss`` over a sampled batch (:func:`minillm_func.rl.make_sampler`): ``input_ids``, ``labels``
+    on the completion tokens, ``advantages`` per completion.
+
+    ``apply(params, ids) -> logits``. The sampling policy's log-probs are ``batch["old_logps"]`` when
+    the batch carries them, else this forward's own, detached (one update per batch: the ratio is
+    exactly 1 and the loss's gradient is the policy gradient). With ``beta > 0`` the reference's
+    token log-probs come from ``batch["ref_logps"]`` or the frozen ``extras["ref_params"]``.
+    ``count`` is :func:`~minillm_func.losses.grpo_count`: completions or completion tokens, so
+    accumulation and data parallelism normalise by the whole update's.
+
+    Metrics (per micro-batch, count-weighted over a window): the loss's (``clip_ratio``, ``kl``),
+    ``entropy`` (mean over completion tokens), and the sampler's ``reward``, ``reward_std``,
+    ``completion_length`` and ``rewards/<function>`` means.
+    """
+    grpo_loss(torch.zeros(1, 1), None, torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), loss_type=loss_type,
+              epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, importance_sampling_level=importance_sampling_level,
+              max_completion_length=max_completion_length)  # validate the hyper-parameters now
+
+    def loss_fn(params, batch, extras):
+        ids, labels = batch["input_ids"], batch["labels"]
+        logits = apply(params, ids)
+        logps = token_logps(logits, labels)
+        mask = labels != IGNORE_INDEX
+        ref = batch.get("ref_logps")
+        if beta > 0 and ref is None:
+            if "ref_params" not in extras:
+                raise ValueError("grpo: beta > 0 needs a reference: build the state with trainer.init(params).")
+            with torch.no_grad():
+                ref = token_logps(apply(extras["ref_params"], ids), labels)
+        total, metrics = grpo_loss(logps, batch.get("old_logps"), ref, batch["advantages"], mask,
+                                   loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
+                                   importance_sampling_level=importance_sampling_level,
+                                   max_completion_length=max_completion_length, num_items=1)
+        with torch.no_grad():
+            z = logits.detach().float()
+            entropy = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)  # [N, T]
+            m = mask.to(entropy.dtype)
+            metrics["entropy"] = (entropy * m).sum() / m.sum().clamp_min(1)
+            rewards = batch["rewards"].float()
+            metrics["reward"] = rewards.mean()
+            metrics["reward_std"] = rewards.std(unbiased=False)
+            metrics["completion_length"] = batch["completion_length"].float().mean()
+            for k, v in batch.items():
+                if k.startswith("rewards/"):
+                    metrics[k] = v.float().mean()
+        return total, (grpo_count(loss_type, mask), metrics)
 
     return loss_fn
 

@@ -25,9 +25,10 @@ from .lora import LoraConfig
 from .lora import apply as lora_apply
 from .lora import objective as lora_objective
 from .memory import DynamicBatchSizer, MemoryConfig, MemoryMonitor
-from .losses import dpo_needs_reference
+from .losses import dpo_needs_reference, token_logps
 from .model import Model
-from .objectives import dpo_objective, make_head, pair_logps, pretrain_objective, sft_objective
+from .objectives import dpo_objective, grpo_objective, make_head, pair_logps, pretrain_objective, sft_objective
+from .rl import make_sampler
 from .stages import KINDS, default_learning_rate
 from .step import TrainState, init_train_state, make_train_step, make_window_step
 
@@ -54,6 +55,9 @@ class Trainer:
     window_step: Callable[[TrainState, Sequence[dict]], tuple] | None = None
     accumulation_steps: int = 1
     lora: LoraConfig | None = None
+    # (state, batch, micro-batch index) -> the batch the step trains on: GRPO's sampling (impure,
+    # in the shell; fit and evaluate call it on each batch they take). None: batches as they come.
+    prepare: Callable[[TrainState, dict, int], dict] | None = None
 
     def __post_init__(self):
         self._sizer = DynamicBatchSizer(self.memory.min_micro_batch) if self.memory.dynamic_batch else None
@@ -113,7 +117,9 @@ class Trainer:
         totals: dict[str, float] = {}
         count_sum = 0.0
         with torch.no_grad():
-            for batch in batches:
+            for i, batch in enumerate(batches):
+                if self.prepare is not None:
+                    batch = self.prepare(state, batch, i)
                 loss_sum, (count, metrics) = self.loss_fn(state.params, batch, state.extras)
                 n = float(count)
                 count_sum += n
@@ -127,7 +133,7 @@ class Trainer:
         if not count_sum:
             raise ValueError("evaluate: the batches hold no counted token (or pair); nothing to evaluate.")
         out = {k: v / count_sum for k, v in totals.items()}
-        if self.kind != "dpo":
+        if self.kind in ("pretrain", "sft"):
             out["perplexity"] = math.exp(min(out["loss"], 700.0))
         return out
 
@@ -195,7 +201,7 @@ class Trainer:
         shell.append(Checkpoint(out, checkpoint_every, keep_last=keep_last, meta=meta))
         shell.append(ProgressBar(num_steps, enabled=progress and main, desc=desc or self.kind))
         all_hooks = [*shell, *hooks]
-        count_name = "pairs" if self.kind == "dpo" else "loss_tokens"
+        count_name = {"dpo": "pairs", "grpo": "loss_items"}.get(self.kind, "loss_tokens")
         batch_iter = iter(batches)
         skipped, last_loss = 0, None
         try:
@@ -206,6 +212,8 @@ class Trainer:
                 if len(window) < self.accumulation_steps:
                     run.say(f"{self.kind}: the data ran out after {run.step} of {num_steps} updates.")
                     break
+                if self.prepare is not None:  # e.g. GRPO: sample completions with the current policy
+                    window = [self.prepare(run.state, b, i) for i, b in enumerate(window)]
                 new_state, metrics = self.run_window(run.state, window)
                 if not bool(metrics["updated"]):  # host sync: the loop counts updates exactly
                     skipped += 1
@@ -290,14 +298,20 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, max_grad_norm: float | None = 1.0,
                    T_max: int = 1000, eta_min: float = 0.0, schedule: Callable | None = None,
                    decay_mask=None, accumulation_steps: int = 1, precision: str | amp.Policy | None = None,
-                   loss_scaling: bool | None = None, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
+                   loss_scaling: bool | None = None, beta: float | None = None,
+                   loss_type: str | Sequence[str] | None = None,
                    label_smoothing: float = 0.0, gamma: float = 0.5, loss_weights: Sequence[float] | None = None,
                    f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
                    discopop_tau: float = 0.05, precomputed_reference: bool = False,
                    grad_path: str = "auto", adamw_impl: str = "auto", compile: bool | str | Callable = False,
                    loss_fn: Callable | None = None, grad_sync: Callable | None = None,
-                   memory: MemoryConfig | None = None, lora: LoraConfig | None = None) -> Trainer:
-    """Build the trainer for ``kind`` ("pretrain", "sft" or "dpo").
+                   memory: MemoryConfig | None = None, lora: LoraConfig | None = None,
+                   tokenizer=None, reward_fns: Sequence[Callable] | None = None, reward_weights=None,
+                   num_generations: int = 8, max_completion_length: int = 32, temperature: float = 1.0,
+                   top_p: float | None = None, top_k: int | None = None, scale_rewards: str = "group",
+                   epsilon: float = 0.2, epsilon_high: float | None = None,
+                   importance_sampling_level: str = "token", sampling_seed: int = 0) -> Trainer:
+    """Build the trainer for ``kind`` ("pretrain", "sft", "dpo" or "grpo").
 
     Every keyword overrides one default: the optimizer (``learning_rate``
     (default 1e-4; 5e-5 for "sft"), ``weight_decay``, ``betas``, ``eps``,
@@ -316,6 +330,16 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     :class:`~minillm_func.lora.LoraConfig`) trains low-rank adapters over a frozen base:
     ``trainer.init(base_params)`` makes a state whose params are the adapters; a
     ``loss_fn`` given with it is written over the full params (base and adapters in one dict).
+
+    "grpo" (online RL, :mod:`minillm_func.rl`): batches are prompt batches of a
+    ``PromptDataset``; for each, the trainer's ``prepare`` samples ``num_generations``
+    completions per prompt with the current policy (``max_completion_length``,
+    ``temperature``, ``top_p``, ``top_k``; decoded with ``tokenizer``), scores them with
+    ``reward_fns`` (weighted by ``reward_weights``), and the step minimises
+    ``grpo_loss`` (``loss_type`` default "dapo", ``epsilon``, ``epsilon_high``, ``beta``
+    default 0.0: a KL term to the frozen initial params when positive,
+    ``importance_sampling_level``) with group-normalised advantages (``scale_rewards``).
+    ``beta`` and ``loss_type`` default per stage: DPO 0.1 and "sigmoid".
     """
     if kind not in KINDS:
         raise ValueError(f"create_trainer: kind must be one of {KINDS}, got {kind!r}.")
@@ -325,11 +349,16 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     if memory.gradient_accumulation_steps > 1:
         accumulation_steps = memory.gradient_accumulation_steps
     lr = default_learning_rate(kind) if learning_rate is None else learning_rate
+    if beta is None:
+        beta = 0.0 if kind == "grpo" else 0.1
+    if loss_type is None:
+        loss_type = "dapo" if kind == "grpo" else "sigmoid"
     lr_schedule = schedule if schedule is not None else schedules.cosine_annealing(lr, T_max=T_max, eta_min=eta_min)
     policy = _policy(precision)
     if lora is not None and not isinstance(lora, LoraConfig):
         raise ValueError(f"create_trainer: lora must be a minillm_func.lora.LoraConfig, got {type(lora).__name__}.")
-    head = make_head(lora_apply(model, lora) if lora is not None else model, policy, memory)
+    adapted = lora_apply(model, lora) if lora is not None else model
+    head = make_head(adapted, policy, memory)
     if memory.activation_checkpointing:
         if compile or grad_path == "func":
             raise ValueError(
@@ -344,11 +373,24 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
             loss_fn = pretrain_objective(head)
         elif kind == "sft":
             loss_fn = sft_objective(head)
+        elif kind == "grpo":
+            loss_fn = grpo_objective(_logits_fn(adapted, policy), loss_type=loss_type, epsilon=epsilon,
+                                     epsilon_high=epsilon_high, beta=beta,
+                                     importance_sampling_level=importance_sampling_level,
+                                     max_completion_length=max_completion_length)
         else:
             loss_fn = dpo_objective(head, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                     gamma=gamma, **dpo_options)
-    needs_reference = kind == "dpo" and dpo_needs_reference(loss_type) and not precomputed_reference
-    if lora is not None:
+    needs_reference = ((kind == "dpo" and dpo_needs_reference(loss_type) and not precomputed_reference)
+                       or (kind == "grpo" and beta > 0))
+    if lora is not None and kind == "grpo":
+        # GRPO's KL reference is the base, adapters off.
+        base_logits = _logits_fn(model, policy)
+        reference = (lambda base, batch: {"ref_logps": token_logps(base_logits(base, batch["input_ids"]),
+                                                                   batch["labels"])}) if needs_reference else None
+        loss_fn = lora_objective(loss_fn, lora, reference=reference, reference_keys=("ref_logps",))
+        needs_reference = False
+    elif lora is not None:
         # DPO's reference is the base itself, adapters off: no second copy of the model. Its
         # log-probs need no gradient, so they are taken chunk by chunk from the hidden states:
         # the reference pass never holds a [tokens, vocab] logits tensor.
@@ -375,6 +417,21 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
               "max_grad_norm": max_grad_norm, "T_max": T_max, "eta_min": eta_min,
               "custom_schedule": schedule is not None, "accumulation_steps": accumulation_steps,
               "precision": str(policy.compute_dtype), "loss_scaling": scaling, "compile": compile}
+    prepare = None
+    if kind == "grpo":
+        if tokenizer is None:
+            raise ValueError("create_trainer('grpo'): pass tokenizer= (completions are decoded for the rewards).")
+        sampler = make_sampler(adapted, tokenizer, reward_fns or (), num_generations=num_generations,
+                               max_completion_length=max_completion_length, temperature=temperature, top_p=top_p,
+                               top_k=top_k, scale_rewards=scale_rewards, reward_weights=reward_weights,
+                               seed=sampling_seed)
+        prepare = _grpo_prepare(sampler, lora)
+        config.update(beta=beta, loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high,
+                      importance_sampling_level=importance_sampling_level, num_generations=num_generations,
+                      max_completion_length=max_completion_length, temperature=temperature, top_p=top_p,
+                      top_k=top_k, scale_rewards=scale_rewards, sampling_seed=sampling_seed,
+                      rewards=[getattr(f, "__name__", "reward") for f in reward_fns or ()],
+                      reward_weights=list(reward_weights) if reward_weights is not None else None)
     if kind == "dpo":
         config.update(beta=beta, loss_type=loss_type if isinstance(loss_type, str) else list(loss_type),
                       label_smoothing=label_smoothing, gamma=gamma, precomputed_reference=precomputed_reference,
@@ -383,7 +440,25 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
         config["lora"] = dataclasses.asdict(lora)
     config["memory"] = dataclasses.asdict(memory)
     return Trainer(kind, model, loss_fn, optimizer, step, lr_schedule, config, scaling, needs_reference, memory,
-                   window_step, accumulation_steps, lora)
+                   window_step, accumulation_steps, lora, prepare)
+
+
+def _logits_fn(model: Model, policy: amp.Policy) -> Callable:
+    """``(params, ids) -> logits`` under the precision policy."""
+    return policy.wrap(model.apply) if policy.mixed else model.apply
+
+
+def _grpo_prepare(sampler: Callable, lora_config: LoraConfig | None) -> Callable:
+    """GRPO's shell step: sample with the state's current policy. The sampling seed is a function of
+    the update count and the micro-batch's index (one host read of ``state.step``), so a resumed run
+    samples what the uninterrupted one did."""
+    def prepare(state: TrainState, batch: dict, micro: int) -> dict:
+        params = state.params
+        if lora_config is not None:
+            params = lora.combine(state.extras["lora_base"], state.params, lora_config)
+        return sampler(params, batch, int(state.step) * 4096 + micro)
+
+    return prepare
 
 
 def _policy(precision) -> amp.Policy:

@@ -35,6 +35,7 @@ supervised.
 """
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Sequence
 
@@ -43,7 +44,7 @@ import torch
 from ..labels import IGNORE_INDEX
 
 __all__ = [
-    "LanguageModelingDataset", "ConversationDataset", "PreferenceDataset", "ROLES",
+    "LanguageModelingDataset", "ConversationDataset", "PreferenceDataset", "PromptDataset", "ROLES",
     "render_messages", "chat_prompt", "start_ids", "validate_record", "RECORD_FIELDS",
 ]
 
@@ -54,6 +55,7 @@ RECORD_FIELDS = {
     "pretrain": '{"text": ...}',
     "sft": '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}',
     "dpo": '{"prompt": ..., "chosen": ..., "rejected": ...}',
+    "grpo": '{"prompt": ..., "answer": ...} (a prompt, and the columns the reward functions read)',
 }
 _STR_OR_MESSAGES = (str, list)
 
@@ -119,6 +121,12 @@ def validate_record(kind: str, record, where: str) -> None:
             _check_messages(prompt, where, need_assistant=False)
         for side in ("chosen", "rejected"):
             _check_reply(_field(record, side, where, types=_STR_OR_MESSAGES, kind=kind), side, where)
+    elif kind == "grpo":
+        prompt = _field(record, "prompt", where, types=_STR_OR_MESSAGES, kind=kind)
+        if isinstance(prompt, list):
+            _check_messages(prompt, where, need_assistant=False)
+        elif not prompt.strip():
+            raise ValueError(f"{where}: 'prompt' is empty; remove the record or give it a prompt.")
     else:
         raise ValueError(f"unknown record kind {kind!r}; expected one of {sorted(RECORD_FIELDS)}.")
 
@@ -413,3 +421,41 @@ class PreferenceDataset(_ChatItems):
         if any(v is None for v in sides.values()):
             return None
         return {f"{side}_{k}": v for side, item in sides.items() for k, v in item.items()}
+
+
+class PromptDataset(_Items):
+    """Prompts for online RL (GRPO): each item is the tokenised prompt, plus the record's other columns.
+
+    Each example is ``{"prompt", ...}``: a string or a list of messages, and any
+    further fields (``answer``, ...) that the reward functions read. Items hold
+    ``prompt_input_ids`` (what the policy continues: with the tokenizer's chat template
+    the prompt rendered with its generation prompt, else BOS + the prompt, or
+    messages in the built-in chat format followed by an assistant header),
+    ``prompt_attention_mask``, and every other field as it is (``prompt`` as the
+    text given, for the reward functions). Prompts longer than ``max_length`` keep
+    their last ``max_length`` tokens (the end of a prompt is what is continued).
+    """
+
+    NAME, KIND = "PromptDataset", "grpo"
+
+    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int, *, chat_template: bool | None = None,
+                 template_kwargs: dict | None = None):
+        self.use_template = _use_template(tokenizer, chat_template)
+        self.template_kwargs = dict(template_kwargs or {})
+        self._collect(self.NAME, self.KIND, examples, tokenizer, max_length)
+
+    def _make(self, ex: dict) -> dict | None:
+        tok, prompt = self.tokenizer, ex["prompt"]
+        if self.use_template:
+            ids = list(tok.apply_chat_template(_as_messages(prompt, "user"), add_generation_prompt=True,
+                                               **self.template_kwargs))
+        else:
+            ids = start_ids(tok) + [t for seg, _ in _prompt_segments(prompt, tok) for t in seg]
+        ids = ids[-self.max_length:]
+        columns = {k: v for k, v in ex.items() if k != "prompt"}
+        text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        return {"prompt_input_ids": torch.tensor(ids), "prompt_attention_mask": torch.ones(len(ids), dtype=torch.long),
+                "prompt": text, **columns}
+
+    def lengths(self) -> list[int]:
+        return [int(item["prompt_input_ids"].shape[0]) for item in self.items]

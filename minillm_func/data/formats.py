@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..stages import KINDS
 from .datasets import (RECORD_FIELDS, ConversationDataset, LanguageModelingDataset, PreferenceDataset,
-                       validate_record)
+                       PromptDataset, validate_record)
 
 __all__ = ["read_records", "detect_kind", "load_dataset", "records_from_hf", "KINDS"]
 
@@ -34,6 +34,8 @@ def detect_kind(record, where: str) -> str:
             return "sft"
         if "text" in record:
             return "pretrain"
+        if "prompt" in record:  # a prompt alone (with the columns rewards read): online RL
+            return "grpo"
         fields = ", ".join(map(repr, record)) or "none"
     else:
         fields = f"a {type(record).__name__}, not an object"
@@ -127,7 +129,7 @@ def _load_hf_folder(path: Path) -> list[dict]:
 def load_dataset(source, tokenizer, max_length: int, *, kind: str | None = None, pack: bool | None = None):
     """A dataset from a file path, a dataset folder, a ``datasets.Dataset`` or a list of records.
 
-    ``kind`` ("pretrain", "sft" or "dpo") is what the caller will train; the
+    ``kind`` ("pretrain", "sft", "dpo" or "grpo") is what the caller will train; the
     records' own kind must match it. ``pack`` applies to pretraining (default:
     packed for files, whose documents are rarely of one length).
     """
@@ -157,4 +159,6 @@ def load_dataset(source, tokenizer, max_length: int, *, kind: str | None = None,
         return LanguageModelingDataset(texts, tokenizer, max_length, pack=True if pack is None else pack)
     if kind == "sft":
         return ConversationDataset(records, tokenizer, max_length)
+    if kind == "grpo":
+        return PromptDataset(records, tokenizer, max_length)
     return PreferenceDataset(records, tokenizer, max_length)

@@ -29,7 +29,8 @@ def collate(items: Sequence[dict], *, pad_id: int, pad_to_multiple_of: int | Non
     be run as one ``[2B, T]`` forward), rounded up to ``pad_to_multiple_of``.
     ``*input_ids`` are padded with ``pad_id``, ``*labels`` with ``IGNORE_INDEX``
     and ``*attention_mask`` with 0 (an item without a mask gets ones over its
-    length). 0-d fields (e.g. precomputed reference log-probs) are stacked.
+    length). 0-d fields (e.g. precomputed reference log-probs) are stacked; fields
+    that are not tensors (a prompt's reference answer) become lists.
     """
     if not items:
         raise ValueError("collate: got an empty list of items.")
@@ -41,13 +42,16 @@ def collate(items: Sequence[dict], *, pad_id: int, pad_to_multiple_of: int | Non
     keys = list(items[0])
     if any(set(it) != set(keys) for it in items):
         raise ValueError("collate: items have different fields; batch items of one dataset only.")
-    seq_keys = [k for k in keys if items[0][k].dim() == 1]
+    lists = [k for k in keys if not isinstance(items[0][k], torch.Tensor)]  # strings, numbers: kept as lists
+    seq_keys = [k for k in keys if k not in lists and items[0][k].dim() == 1]
     T = max(int(it[k].shape[0]) for it in items for k in seq_keys) if seq_keys else 0
     if pad_to_multiple_of:
         T = pad_to_multiple_of * math.ceil(T / pad_to_multiple_of)
     batch = {}
     for k in keys:
-        if k in seq_keys:
+        if k in lists:
+            batch[k] = [it[k] for it in items]
+        elif k in seq_keys:
             value = _pad_value(k, pad_id)
             batch[k] = torch.stack([torch.nn.functional.pad(it[k], (0, T - it[k].shape[0]), value=value)
                                     for it in items])
