@@ -396,7 +396,8 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
         # the reference pass never holds a [tokens, vocab] logits tensor.
         ref_head = make_head(model, policy, dataclasses.replace(memory, chunked_loss=True,
                                                                 activation_checkpointing=False))
-        reference = (lambda base, batch: pair_logps(ref_head, base, batch)[:2]) if needs_reference else None
+        reference = (lambda base, batch: dict(zip(("ref_chosen_logps", "ref_rejected_logps"),
+                                                  pair_logps(ref_head, base, batch)[:2]))) if needs_reference else None
         loss_fn = lora_objective(loss_fn, lora, reference=reference)
         needs_reference = False
     adamw = optim.adamw(lr_schedule, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay,
