@@ -336,6 +336,8 @@ def _validate(s: dict, kind: str) -> None:
         except ValueError as e:
             need(False, f"--loss-type {s['loss_type']}: {_one_line(e)}")
         need(math.isfinite(s["beta"]) and s["beta"] > 0, f"--beta must be a positive number, got {s['beta']}.")
+    if kind in ("orpo", "kto"):
+        need(math.isfinite(s["beta"]) and s["beta"] > 0, f"--beta must be a positive number, got {s['beta']}.")
     if kind == "grpo":
         from .losses import GRPO_LOSS_TYPES
         from .rl import reward_by_name
@@ -879,7 +881,7 @@ def _eval(args) -> None:
         length -= settings.get("max_completion_length", 32)
     data = load_dataset(args.data, tok, length, kind=kind)
     trainer = create_trainer(kind, model, **settings)
-    if kind == "dpo":
+    if kind in ("dpo", "kto"):
         ref = _reference_params(args, meta, state, trained_as, label)
         state = trainer.init(state.params)._replace(extras={"ref_params": ref} if ref is not None else {})
     else:
@@ -898,7 +900,7 @@ def _reference_params(args, meta, state, trained_as, label):
         return state.extras["ref_params"]
     if trained_as == "dpo" and not dpo_needs_reference(meta.get("trainer_config", {}).get("loss_type", "sigmoid")):
         return None
-    if trained_as == "dpo":
+    if trained_as in ("dpo", "kto"):
         init, hf_model = meta.get("init"), meta.get("hf_model")
         if init and Path(init).exists():
             return _load_checkpoint(init, "the run's --init")[0].params

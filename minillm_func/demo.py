@@ -1,9 +1,9 @@
-"""The end-to-end demo: pretrain -> SFT -> DPO a small model on the built-in corpus, on a CPU.
+"""The end-to-end demo: pretrain -> SFT -> DPO, and GRPO, a small model on the built-in corpus, on a CPU.
 
-``run_demo(out_dir)`` (what ``minillm-func demo`` runs) trains the three
-stages in turn, each starting from the previous stage's params, and measures
-each stage's held-out metric before and after it (the tasks and metrics are
-described in ``minillm_func/data/demo_tasks.py``):
+``run_demo(out_dir)`` (what ``minillm-func demo`` runs) trains the stages in
+turn -- pretrain, then SFT from it, then DPO from SFT, and GRPO from SFT too --
+and measures each stage's held-out metric before and after it (the tasks and
+metrics are described in ``minillm_func/data/demo_tasks.py``):
 
 - pretrain: perplexity of held-out documents;
 - SFT: exact-match accuracy of greedy answers to held-out questions;
@@ -13,6 +13,9 @@ described in ``minillm_func/data/demo_tasks.py``):
   TRL) does not count as right. The share of tied pairs is reported beside it,
   so the "before" column reads as a measurement, not as a model that is wrong
   on every pair.
+- GRPO: exact-match accuracy of greedy answers to the held-out questions, before
+  (the SFT model) and after online RL with a right-answer reward; and the mean
+  reward of the replies it sampled, over its first and last updates.
 
 The run folder gets one sub-folder per stage (``metrics.jsonl``, a
 checkpoint), ``summary.json`` with the before/after numbers and samples, and
@@ -31,8 +34,9 @@ from pathlib import Path
 import torch
 
 from . import schedules
-from .data import Batches, ByteTokenizer, ConversationDataset, LanguageModelingDataset, PreferenceDataset
-from .data.demo_tasks import demo_corpus, extract_answer, is_preferred_style
+from .data import (Batches, ByteTokenizer, ConversationDataset, LanguageModelingDataset, PreferenceDataset,
+                   PromptDataset)
+from .data.demo_tasks import answer_reward, demo_corpus, extract_answer, is_preferred_style
 from .generate import generate_text
 from .model import ModelConfig, build_model
 from .trainers import create_trainer
@@ -40,7 +44,7 @@ from .trainers import create_trainer
 __all__ = ["DemoConfig", "run_demo", "format_summary"]
 
 PLOT_HINT = "pip install 'minillm_func[plot]'"
-STAGES = ("pretrain", "sft", "dpo")
+STAGES = ("pretrain", "sft", "dpo", "grpo")
 # How each DPO loss type is named in a plot title (see losses.dpo_loss for the formulas).
 _DPO_LOSS_NAMES = {"sigmoid": "DPO (sigmoid) loss", "robust": "robust DPO loss", "ipo": "IPO loss",
                    "hinge": "hinge loss", "simpo": "SimPO loss"}
@@ -70,12 +74,20 @@ class DemoConfig:
     # match 0.465 -> 0.25 in a measured run), while IPO's squared loss stops at its
     # target margin and keeps them (0.465 -> 0.465).
     dpo_loss_type: str = "ipo"
+    # GRPO from the SFT model: 8 prompts x 8 sampled replies per update, rewarded 1 for a right answer.
+    grpo_steps: int = 60
+    grpo_batch: int = 8
+    grpo_generations: int = 8
+    grpo_lr: float = 5e-5
+    grpo_temperature: float = 1.0
+    grpo_max_completion: int = 20
     n_eval: int = 200
     eval_every: int = 0
 
     def scaled(self, factor: float) -> "DemoConfig":
         """The same demo with every step count multiplied by ``factor`` (for a quick smoke run)."""
-        steps = {k: max(1, int(getattr(self, k) * factor)) for k in ("pretrain_steps", "sft_steps", "dpo_steps")}
+        steps = {k: max(1, int(getattr(self, k) * factor))
+                 for k in ("pretrain_steps", "sft_steps", "dpo_steps", "grpo_steps")}
         return dataclasses.replace(self, **steps)
 
 
@@ -99,7 +111,7 @@ def _warmup_cosine(lr, steps):
 
 def run_demo(out_dir="runs/demo", config: DemoConfig = DemoConfig(), *, progress: bool = True,
              echo=print) -> dict:
-    """Run the three stages; return (and write to ``out_dir/summary.json``) the before/after metrics."""
+    """Run the stages; return (and write to ``out_dir/summary.json``) the before/after metrics."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stage in STAGES:  # a demo run starts afresh: an earlier run's stage folders are replaced
@@ -160,8 +172,24 @@ def run_demo(out_dir="runs/demo", config: DemoConfig = DemoConfig(), *, progress
                                 "ties": {"before": dpo_before["rewards/ties"], "after": dpo_eval["rewards/ties"]},
                                 "preferred_style_share": {"before": bare_before, "after": bare_after},
                                 "exact_match_after_dpo": exact_dpo}
-    summary["samples"] = [{"prompt": e["prompt"], "after_sft": a, "after_dpo": b}
-                          for e, a, b in list(zip(corpus.sft_eval, replies_sft, replies_dpo))[:6]]
+
+    # ---- GRPO from the SFT model: online RL with a right-answer reward; held-out exact match
+    prompts = PromptDataset(corpus.grpo, tok, c.seq_len - c.grpo_max_completion)
+    trainer = create_trainer("grpo", model, tokenizer=tok, reward_fns=[answer_reward],
+                             num_generations=c.grpo_generations, max_completion_length=c.grpo_max_completion,
+                             temperature=c.grpo_temperature, learning_rate=c.grpo_lr,
+                             schedule=_warmup_cosine(c.grpo_lr, c.grpo_steps), sampling_seed=c.seed)
+    state = trainer.fit(trainer.init(params), Batches(prompts, c.grpo_batch, seed=c.seed), c.grpo_steps,
+                        out_dir=out / "grpo", progress=progress, desc="grpo")
+    exact_grpo, _, replies_grpo = _sft_accuracy(model, state.params, tok, corpus.sft_eval)
+    rewards = [r["reward"] for r in _train_records(out / "grpo")]
+    k = max(1, min(10, len(rewards) // 3))
+    summary["stages"]["grpo"] = {"metric": "held-out exact-match accuracy of greedy answers",
+                                 "before": exact_after, "after": exact_grpo, "steps": c.grpo_steps,
+                                 "sampled_reward": {"first": sum(rewards[:k]) / k, "last": sum(rewards[-k:]) / k,
+                                                    "updates_averaged": k}}
+    summary["samples"] = [{"prompt": e["prompt"], "after_sft": a, "after_dpo": b, "after_grpo": g}
+                          for e, a, b, g in list(zip(corpus.sft_eval, replies_sft, replies_dpo, replies_grpo))[:6]]
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     echo(format_summary(summary))
@@ -185,14 +213,26 @@ def format_summary(summary: dict) -> str:
             ("dpo", "greedy answers in preferred style", dpo["preferred_style_share"]["before"],
              dpo["preferred_style_share"]["after"]),
             ("dpo", "held-out exact match (kept?)", s["sft"]["after"], dpo["exact_match_after_dpo"])]
+    grpo = s.get("grpo")
+    if grpo is not None:
+        rows += [("grpo", "held-out exact match", grpo["before"], grpo["after"]),
+                 ("grpo", "mean reward of sampled replies", grpo["sampled_reward"]["first"],
+                  grpo["sampled_reward"]["last"])]
     lines = ["", f"{'stage':<9} {'metric':<36} {'before':>9} {'after':>9}", "-" * 66]
     lines += [f"{a:<9} {b:<36} {c:>9.3f} {d:>9.3f}" for a, b, c, d in rows]
     if dpo["ties"]["before"] or dpo["ties"]["after"]:
         lines.append("(preference accuracy counts a tied pair as wrong; before DPO the policy is the "
                      "reference, so its pairs tie)")
+    if grpo is not None:
+        k = grpo["sampled_reward"]["updates_averaged"]
+        lines.append(f"(GRPO starts from the SFT model; its sampled reward is the mean over its first and last {k} "
+                     "updates)")
     lines += ["", "samples (held-out questions):"]
     for x in summary["samples"]:
-        lines.append(f"  {x['prompt'].strip()!r:<28} after SFT: {x['after_sft']!r:<32} after DPO: {x['after_dpo']!r}")
+        text = f"  {x['prompt'].strip()!r:<28} after SFT: {x['after_sft']!r:<24} after DPO: {x['after_dpo']!r:<18}"
+        if "after_grpo" in x:
+            text += f" after GRPO: {x['after_grpo']!r}"
+        lines.append(text.rstrip())
     lines.append(f"\ntotal time {summary['seconds']:.0f} s")
     return "\n".join(lines)
 
@@ -202,7 +242,20 @@ def loss_titles(config: DemoConfig) -> dict[str, str]:
     dpo_name = _DPO_LOSS_NAMES.get(config.dpo_loss_type, f"{config.dpo_loss_type} loss")
     return {"pretrain": "pretrain: cross-entropy (next token)",
             "sft": "sft: cross-entropy on reply tokens",
-            "dpo": f"dpo: {dpo_name} (beta={config.beta:g})"}
+            "dpo": f"dpo: {dpo_name} (beta={config.beta:g})",
+            "grpo": f"grpo: mean reward of {config.grpo_generations} sampled replies"}
+
+
+# What each panel of loss_curves.png draws: GRPO's loss is a policy-gradient surrogate whose value
+# says little (it is ~0 at every update), so its panel shows the reward it is raising.
+_PLOTTED = {"pretrain": ("loss", "training loss"), "sft": ("loss", "training loss"),
+            "dpo": ("loss", "training loss"), "grpo": ("reward", "mean sampled reward")}
+
+
+def _train_records(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in rows if r.get("split") == "train"]
 
 
 def _plot(out: Path, config: DemoConfig, *, echo=print) -> Path | None:
@@ -219,18 +272,18 @@ def _plot(out: Path, config: DemoConfig, *, echo=print) -> Path | None:
         echo(f"loss_curves.png skipped: matplotlib is not installed ({PLOT_HINT}, or run `make demo`)")
         return None
     titles = loss_titles(config)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for ax, stage in zip(axes, ("pretrain", "sft", "dpo")):
-        path = out / stage / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        rows = [r for r in rows if r.get("split") == "train"]
+    stages = [st for st in STAGES if st != "grpo" or (out / "grpo" / "metrics.jsonl").exists()]
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.7 * len(stages), 3.8))
+    for ax, stage in zip(axes, stages):
+        rows = _train_records(out / stage)
+        key, label = _PLOTTED[stage]
         # markers when there are few points, so a one-update run (--quick) still shows its loss
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, marker="o" if len(rows) < 30 else None,
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], lw=0.8, marker="o" if len(rows) < 30 else None,
                 ms=3)
         ax.set_title(titles[stage], fontsize=10)
         ax.set_xlabel("update")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("training loss")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     png = out / "loss_curves.png"

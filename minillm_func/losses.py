@@ -27,7 +27,7 @@ from .labels import IGNORE_INDEX, require_integer_ids
 __all__ = [
     "IGNORE_INDEX", "pretrain_loss", "sft_masked_loss", "sequence_logps", "dpo_loss", "DPO_LOSS_TYPES",
     "check_logits_labels", "normalise", "dpo_needs_reference", "token_logps", "grpo_loss", "grpo_count",
-    "GRPO_LOSS_TYPES",
+    "GRPO_LOSS_TYPES", "orpo_loss", "kto_loss",
 ]
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
@@ -617,4 +617,85 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
                    if advantages.numel() > 1 else torch.zeros(())}
         if kl is not None:
             metrics["kl"] = (kl * mask).sum() / tokens
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------- ORPO, KTO
+
+
+def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_counts: torch.Tensor,
+              rejected_counts: torch.Tensor, *, beta: float = 0.1, num_pairs=None):
+    r"""ORPO (Hong et al., 2024, arXiv:2403.07691): supervised fine-tuning plus an odds-ratio preference
+    term, with no reference model.
+
+    With :math:`\bar s = s / n` the per-token mean log-prob of a reply and
+    :math:`\log\mathrm{odds}(\bar s) = \bar s - \log(1 - e^{\bar s})`:
+
+    .. math::
+
+        \ell = -\bar s_w \;-\; \beta \log\sigma\big(\log\mathrm{odds}(\bar s_w) - \log\mathrm{odds}(\bar s_l)\big)
+
+    (``beta`` is the paper's :math:`\lambda`, TRL's ``beta``, default 0.1). The NLL term is each
+    pair's per-token mean (TRL averages the chosen tokens of the whole batch), so the loss is a
+    sum over pairs and accumulation is exact: the result is that sum over ``num_pairs`` (default:
+    the pairs given). Metrics as TRL's: ``rewards/chosen`` = mean :math:`\beta \bar s_w`,
+    ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``log_odds_ratio``,
+    ``log_odds_chosen``, ``nll_loss``.
+    """
+    if not beta > 0:
+        raise ValueError(f"orpo_loss: beta (the odds-ratio weight) must be positive, got {beta}.")
+    mean_w = chosen_logps / chosen_counts.clamp_min(1)
+    mean_l = rejected_logps / rejected_counts.clamp_min(1)
+    # log(1 - e^x) for x < 0, computed stably (expm1 near 0, log1p far from it)
+    log_one_minus = lambda x: torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))  # noqa: E731
+    log_odds = (mean_w - mean_l) - (log_one_minus(mean_w) - log_one_minus(mean_l))
+    ratio = F.logsigmoid(log_odds)
+    losses = -mean_w - beta * ratio
+    loss = normalise(losses.sum(), chosen_logps.shape[0] if num_pairs is None else num_pairs, "orpo_loss")
+    with torch.no_grad():
+        r_w, r_l = beta * mean_w, beta * mean_l
+        metrics = {"rewards/chosen": r_w.mean(), "rewards/rejected": r_l.mean(),
+                   "rewards/accuracies": (r_w > r_l).to(r_w.dtype).mean(), "rewards/margins": (r_w - r_l).mean(),
+                   "log_odds_ratio": ratio.mean(), "log_odds_chosen": log_odds.mean(), "nll_loss": (-mean_w).mean()}
+    return loss, metrics
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+             policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, *, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, num_examples=None):
+    r"""KTO (Ethayarajh et al., 2024, arXiv:2402.01306) on unpaired examples labelled desirable or not.
+
+    With :math:`r = \log\pi(y|x) - \log\pi_{ref}(y|x)` (summed log-probs) and the reference
+    point :math:`z_0 = \max\big(0, \operatorname{mean}(\log\pi(y'|x) - \log\pi_{ref}(y'|x))\big)`,
+    a detached estimate of KL(policy || reference) from mismatched pairs :math:`(x, y')` (a
+    prompt with another example's completion: ``policy_kl_logps``, ``ref_kl_logps``):
+
+    .. math::
+
+        \ell = \lambda_D \big(1 - \sigma(\beta (r - z_0))\big) \text{ if desirable}, \qquad
+        \ell = \lambda_U \big(1 - \sigma(\beta (z_0 - r))\big) \text{ otherwise}
+
+    (TRL's ``loss_type="kto"``). The result is the sum over examples divided by ``num_examples``
+    (default: the examples given). :math:`z_0` is estimated from the examples given: a
+    batch-level quantity, so under accumulation each micro-batch uses its own (as TRL's does).
+    Metrics: ``kl`` (:math:`z_0`), ``rewards/chosen`` and ``rewards/rejected`` (mean :math:`\beta r`
+    over the desirable and the undesirable examples; 0 when there are none), ``logps/chosen`` and
+    ``logps/rejected`` likewise.
+    """
+    if not beta > 0:
+        raise ValueError(f"kto_loss: beta must be positive, got {beta}.")
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError("kto_loss: desirable_weight and undesirable_weight must be >= 0.")
+    z0 = (policy_kl_logps - ref_kl_logps).mean().clamp_min(0).detach()
+    r = policy_logps - ref_logps
+    good = desirable.bool()
+    losses = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    loss = normalise(losses.sum(), policy_logps.shape[0] if num_examples is None else num_examples, "kto_loss")
+    with torch.no_grad():
+        g, b = good.to(r.dtype), (~good).to(r.dtype)
+        mean = lambda x, w: (x * w).sum() / w.sum().clamp_min(1)  # noqa: E731
+        metrics = {"kl": z0, "rewards/chosen": mean(beta * r.detach(), g),
+                   "rewards/rejected": mean(beta * r.detach(), b),
+                   "logps/chosen": mean(policy_logps.detach(), g), "logps/rejected": mean(policy_logps.detach(), b)}
     return loss, metrics

@@ -21,13 +21,14 @@ import torch
 from . import amp
 from .chunked import chunked_cross_entropy, chunked_sequence_logps
 from .labels import IGNORE_INDEX
-from .losses import (dpo_loss, dpo_needs_reference, grpo_count, grpo_loss, pretrain_loss, sequence_logps,
-                     sft_masked_loss, token_logps)
+from .losses import (dpo_loss, dpo_needs_reference, grpo_count, grpo_loss, kto_loss, orpo_loss, pretrain_loss,
+                     sequence_logps, sft_masked_loss, token_logps)
 from .memory import MemoryConfig
 from .model import Model, output_weight
 
 __all__ = ["Head", "logits_head", "chunked_head", "make_head", "pretrain_objective", "sft_objective",
-           "dpo_objective", "grpo_objective", "pair_logps", "add_reference_logps"]
+           "dpo_objective", "orpo_objective", "kto_objective", "kto_logps", "grpo_objective", "pair_logps",
+           "add_reference_logps"]
 
 
 # Each returns the micro-batch's *summed* loss and the count it sums over. The
@@ -150,6 +151,58 @@ def dpo_objective(head: Head | Callable, *, beta: float = 0.1, loss_type: str | 
                 rc, rr, _, _ = pair_logps(head, extras["ref_params"], batch)
         loss, metrics = dpo_loss(pc, pr, rc, rr, chosen_counts=nc, rejected_counts=nr, num_pairs=1, **options)
         return loss, (torch.tensor(pc.shape[0]), metrics)
+
+    return loss_fn
+
+
+def orpo_objective(head: Head | Callable, *, beta: float = 0.1) -> Callable:
+    """:func:`~minillm_func.losses.orpo_loss` summed over the pairs of a DPO batch; no reference model."""
+    head = _as_head(head)
+    orpo_loss(-torch.ones(1), -torch.ones(1), torch.ones(1), torch.ones(1), beta=beta)  # validate now
+
+    def loss_fn(params, batch, extras):
+        pc, pr, nc, nr = pair_logps(head, params, batch)
+        loss, metrics = orpo_loss(pc, pr, nc, nr, beta=beta, num_pairs=1)
+        return loss, (torch.tensor(pc.shape[0]), metrics)
+
+    return loss_fn
+
+
+def kto_logps(head: Head | Callable, params, batch):
+    """Summed log-probs of each example's reply and of its mismatched KL pair, in one ``[2B, T]`` forward."""
+    B = batch["input_ids"].shape[0]
+    ids = torch.cat([batch["input_ids"], batch["kl_input_ids"]])
+    labels = torch.cat([batch["labels"], batch["kl_labels"]])
+    logps, _ = _as_head(head).logps(params, ids, labels)
+    return logps[:B], logps[B:]
+
+
+def kto_objective(head: Head | Callable, *, beta: float = 0.1, desirable_weight: float = 1.0,
+                  undesirable_weight: float = 1.0) -> Callable:
+    """:func:`~minillm_func.losses.kto_loss` summed over a batch of an ``UnpairedPreferenceDataset``.
+
+    The reference log-probs come from the batch (``ref_logps``, ``ref_kl_logps``) or from the
+    frozen ``extras["ref_params"]``, never differentiated. The KL reference point is estimated
+    per micro-batch (see ``kto_loss``).
+    """
+    head = _as_head(head)
+    kto_loss(torch.zeros(1), torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.zeros(1), torch.zeros(1),
+             beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)  # validate now
+
+    def loss_fn(params, batch, extras):
+        policy, policy_kl = kto_logps(head, params, batch)
+        if "ref_logps" in batch:
+            ref, ref_kl = batch["ref_logps"], batch["ref_kl_logps"]
+        else:
+            if "ref_params" not in extras:
+                raise ValueError("kto: no reference log-probs in the batch and no ref_params in the state; "
+                                 "build the state with trainer.init(params).")
+            with torch.no_grad():
+                ref, ref_kl = kto_logps(head, extras["ref_params"], batch)
+        loss, metrics = kto_loss(policy, ref, batch["desirable"], policy_kl, ref_kl, beta=beta,
+                                 desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                                 num_examples=1)
+        return loss, (torch.tensor(policy.shape[0]), metrics)
 
     return loss_fn
 

@@ -8,12 +8,14 @@ AdamW with learning rate 1e-4 (5e-5 for SFT), DPO's beta 0.1; GRPO takes TRL's
 
 __all__ = ["KINDS", "DEFAULTS", "default_learning_rate"]
 
-KINDS = ("pretrain", "sft", "dpo", "grpo")
+KINDS = ("pretrain", "sft", "dpo", "orpo", "kto", "grpo")
 
 DEFAULTS = {
     "pretrain": {"learning_rate": 1e-4},
     "sft": {"learning_rate": 5e-5},
     "dpo": {"learning_rate": 1e-4, "beta": 0.1},
+    "orpo": {"learning_rate": 1e-4, "beta": 0.1},  # beta: the odds-ratio term's weight (TRL's ORPOConfig)
+    "kto": {"learning_rate": 1e-4, "beta": 0.1},
     "grpo": {"learning_rate": 1e-6, "beta": 0.0},  # TRL's GRPOConfig defaults
 }
 

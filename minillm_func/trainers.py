@@ -27,7 +27,8 @@ from .lora import objective as lora_objective
 from .memory import DynamicBatchSizer, MemoryConfig, MemoryMonitor
 from .losses import dpo_needs_reference, token_logps
 from .model import Model
-from .objectives import dpo_objective, grpo_objective, make_head, pair_logps, pretrain_objective, sft_objective
+from .objectives import (dpo_objective, grpo_objective, kto_logps, kto_objective, make_head, orpo_objective, pair_logps,
+                         pretrain_objective, sft_objective)
 from .rl import make_sampler
 from .stages import KINDS, default_learning_rate
 from .step import TrainState, init_train_state, make_train_step, make_window_step
@@ -201,7 +202,8 @@ class Trainer:
         shell.append(Checkpoint(out, checkpoint_every, keep_last=keep_last, meta=meta))
         shell.append(ProgressBar(num_steps, enabled=progress and main, desc=desc or self.kind))
         all_hooks = [*shell, *hooks]
-        count_name = {"dpo": "pairs", "grpo": "loss_items"}.get(self.kind, "loss_tokens")
+        count_name = {"dpo": "pairs", "orpo": "pairs", "kto": "examples", "grpo": "loss_items"}.get(self.kind,
+                                                                                                 "loss_tokens")
         batch_iter = iter(batches)
         skipped, last_loss = 0, None
         try:
@@ -310,8 +312,9 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
                    num_generations: int = 8, max_completion_length: int = 32, temperature: float = 1.0,
                    top_p: float | None = None, top_k: int | None = None, scale_rewards: str = "group",
                    epsilon: float = 0.2, epsilon_high: float | None = None,
-                   importance_sampling_level: str = "token", sampling_seed: int = 0) -> Trainer:
-    """Build the trainer for ``kind`` ("pretrain", "sft", "dpo" or "grpo").
+                   importance_sampling_level: str = "token", sampling_seed: int = 0,
+                   desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Trainer:
+    """Build the trainer for ``kind`` ("pretrain", "sft", "dpo", "orpo", "kto" or "grpo").
 
     Every keyword overrides one default: the optimizer (``learning_rate``
     (default 1e-4; 5e-5 for "sft"), ``weight_decay``, ``betas``, ``eps``,
@@ -340,6 +343,10 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     default 0.0: a KL term to the frozen initial params when positive,
     ``importance_sampling_level``) with group-normalised advantages (``scale_rewards``).
     ``beta`` and ``loss_type`` default per stage: DPO 0.1 and "sigmoid".
+
+    "orpo" (``orpo_loss``, reference-free; ``beta`` weighs the odds-ratio term) trains on
+    DPO's pairs; "kto" (``kto_loss``, ``desirable_weight``, ``undesirable_weight``) on the
+    items of an ``UnpairedPreferenceDataset``, against a frozen reference like DPO's.
     """
     if kind not in KINDS:
         raise ValueError(f"create_trainer: kind must be one of {KINDS}, got {kind!r}.")
@@ -373,6 +380,11 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
             loss_fn = pretrain_objective(head)
         elif kind == "sft":
             loss_fn = sft_objective(head)
+        elif kind == "orpo":
+            loss_fn = orpo_objective(head, beta=beta)
+        elif kind == "kto":
+            loss_fn = kto_objective(head, beta=beta, desirable_weight=desirable_weight,
+                                    undesirable_weight=undesirable_weight)
         elif kind == "grpo":
             loss_fn = grpo_objective(_logits_fn(adapted, policy), loss_type=loss_type, epsilon=epsilon,
                                      epsilon_high=epsilon_high, beta=beta,
@@ -382,13 +394,19 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
             loss_fn = dpo_objective(head, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                     gamma=gamma, **dpo_options)
     needs_reference = ((kind == "dpo" and dpo_needs_reference(loss_type) and not precomputed_reference)
-                       or (kind == "grpo" and beta > 0))
+                       or (kind == "grpo" and beta > 0) or kind == "kto")
     if lora is not None and kind == "grpo":
         # GRPO's KL reference is the base, adapters off.
         base_logits = _logits_fn(model, policy)
         reference = (lambda base, batch: {"ref_logps": token_logps(base_logits(base, batch["input_ids"]),
                                                                    batch["labels"])}) if needs_reference else None
         loss_fn = lora_objective(loss_fn, lora, reference=reference, reference_keys=("ref_logps",))
+        needs_reference = False
+    elif lora is not None and kind == "kto":
+        kto_ref_head = make_head(model, policy, memory)
+        reference = lambda base, batch: dict(zip(("ref_logps", "ref_kl_logps"),  # noqa: E731
+                                                 kto_logps(kto_ref_head, base, batch)))
+        loss_fn = lora_objective(loss_fn, lora, reference=reference, reference_keys=("ref_logps", "ref_kl_logps"))
         needs_reference = False
     elif lora is not None:
         # DPO's reference is the base itself, adapters off: no second copy of the model. Its
@@ -433,6 +451,10 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
                       top_k=top_k, scale_rewards=scale_rewards, sampling_seed=sampling_seed,
                       rewards=[getattr(f, "__name__", "reward") for f in reward_fns or ()],
                       reward_weights=list(reward_weights) if reward_weights is not None else None)
+    if kind == "orpo":
+        config.update(beta=beta)
+    if kind == "kto":
+        config.update(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     if kind == "dpo":
         config.update(beta=beta, loss_type=loss_type if isinstance(loss_type, str) else list(loss_type),
                       label_smoothing=label_smoothing, gamma=gamma, precomputed_reference=precomputed_reference,

@@ -45,10 +45,11 @@ def test_format_summary_reports_ties_beside_preference_accuracy():
     assert demo.format_summary(summary) == text and summary == frozen
 
 
-def write_fake_run(out, n=5):
-    for k, stage in enumerate(("pretrain", "sft", "dpo")):
+def write_fake_run(out, n=5, stages=("pretrain", "sft", "dpo")):
+    for k, stage in enumerate(stages):
         (out / stage).mkdir(parents=True)
-        records = [{"split": "train", "step": s, "loss": 3.0 - 0.1 * s + k} for s in range(1, n + 1)]
+        records = [{"split": "train", "step": s, "loss": 3.0 - 0.1 * s + k, "reward": 0.1 * s}
+                   for s in range(1, n + 1)]
         records.append({"split": "eval", "step": n, "loss": 99.0})  # not a training point
         (out / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -103,3 +104,34 @@ def test_before_dpo_every_held_out_pair_is_a_tie():
     # one update later the rewards differ: no pair is tied any more
     state, _ = trainer.step(state, next(iter(mf.Batches(held, 8, seed=0))))
     assert trainer.evaluate(state, mf.Batches(held, 4, shuffle=False, epochs=1))["rewards/ties"] == 0.0
+
+
+def test_the_grpo_stage_reports_exact_match_and_sampled_reward_and_plots_the_reward(tmp_path, monkeypatch):
+    summary = hand_built_summary()
+    summary["stages"]["grpo"] = {"before": 0.835, "after": 0.9, "sampled_reward": {"first": 0.61, "last": 0.88,
+                                                                                   "updates_averaged": 10}}
+    summary["samples"][0]["after_grpo"] = "qbgqbg"
+    text = demo.format_summary(summary)
+    (exact,) = [ln for ln in text.splitlines() if ln.startswith("grpo") and "exact match" in ln]
+    assert exact.split()[-2:] == ["0.835", "0.900"]
+    assert row(text, "mean reward of sampled replies") == ["0.610", "0.880"]
+    assert "after GRPO: 'qbgqbg'" in text
+    assert "grpo" not in demo.format_summary(hand_built_summary())  # a summary from before GRPO still prints
+
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    figures = []
+    savefig = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        figures.append(([ax.get_title() for ax in fig.axes], [list(ax.lines[0].get_ydata()) for ax in fig.axes],
+                        [ax.get_ylabel() for ax in fig.axes]))
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    write_fake_run(tmp_path, stages=("pretrain", "sft", "dpo", "grpo"))
+    demo._plot(tmp_path, demo.DemoConfig(), echo=lambda _: None)
+    ((titles, curves, labels),) = figures
+    assert titles[3] == "grpo: mean reward of 8 sampled replies" and labels[3] == "mean sampled reward"
+    assert curves[3] == pytest.approx([0.1 * s for s in range(1, 6)])

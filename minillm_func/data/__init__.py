@@ -1,7 +1,7 @@
 """Everything between a file on disk and a batch dict of tensors."""
 from .chat import render_chat, tokenize_chat
 from .datasets import (ROLES, ConversationDataset, LanguageModelingDataset, PreferenceDataset, PromptDataset,
-                       chat_prompt, render_messages, start_ids, validate_record)
+                       UnpairedPreferenceDataset, chat_prompt, render_messages, start_ids, validate_record)
 from .demo_tasks import DemoCorpus, demo_corpus
 from .formats import detect_kind, load_dataset, read_records, records_from_hf
 from .loader import Batches, collate
@@ -9,7 +9,7 @@ from .tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
     "BPETokenizer", "Batches", "ByteTokenizer", "ConversationDataset", "DemoCorpus", "HFTokenizer",
-    "LanguageModelingDataset", "PreferenceDataset", "PromptDataset", "ROLES", "chat_prompt", "collate", "demo_corpus", "detect_kind",
+    "LanguageModelingDataset", "PreferenceDataset", "PromptDataset", "UnpairedPreferenceDataset", "ROLES", "chat_prompt", "collate", "demo_corpus", "detect_kind",
     "load_dataset", "load_tokenizer", "read_records", "records_from_hf", "render_chat", "render_messages",
     "start_ids", "tokenize_chat", "validate_record",
 ]

@@ -44,7 +44,8 @@ import torch
 from ..labels import IGNORE_INDEX
 
 __all__ = [
-    "LanguageModelingDataset", "ConversationDataset", "PreferenceDataset", "PromptDataset", "ROLES",
+    "LanguageModelingDataset", "ConversationDataset", "PreferenceDataset", "PromptDataset",
+    "UnpairedPreferenceDataset", "ROLES",
     "render_messages", "chat_prompt", "start_ids", "validate_record", "RECORD_FIELDS",
 ]
 
@@ -56,6 +57,7 @@ RECORD_FIELDS = {
     "sft": '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}',
     "dpo": '{"prompt": ..., "chosen": ..., "rejected": ...}',
     "grpo": '{"prompt": ..., "answer": ...} (a prompt, and the columns the reward functions read)',
+    "kto": '{"prompt": ..., "completion": ..., "label": true | false} (a reply marked desirable or not)',
 }
 _STR_OR_MESSAGES = (str, list)
 
@@ -121,6 +123,13 @@ def validate_record(kind: str, record, where: str) -> None:
             _check_messages(prompt, where, need_assistant=False)
         for side in ("chosen", "rejected"):
             _check_reply(_field(record, side, where, types=_STR_OR_MESSAGES, kind=kind), side, where)
+    elif kind == "kto":
+        prompt = _field(record, "prompt", where, types=_STR_OR_MESSAGES, kind=kind)
+        if isinstance(prompt, list):
+            _check_messages(prompt, where, need_assistant=False)
+        _check_reply(_field(record, "completion", where, types=_STR_OR_MESSAGES, kind=kind), "completion", where)
+        if not isinstance(record.get("label"), bool):
+            raise ValueError(f"{where}: 'label' must be true (a desirable reply) or false, got {record.get('label')!r}.")
     elif kind == "grpo":
         prompt = _field(record, "prompt", where, types=_STR_OR_MESSAGES, kind=kind)
         if isinstance(prompt, list):
@@ -459,3 +468,31 @@ class PromptDataset(_Items):
 
     def lengths(self) -> list[int]:
         return [int(item["prompt_input_ids"].shape[0]) for item in self.items]
+
+
+class UnpairedPreferenceDataset(ConversationDataset):
+    """KTO's data: single replies marked desirable or not, ``{"prompt", "completion", "label"}``.
+
+    Items hold the reply as an SFT item (``input_ids``, ``labels`` on the reply,
+    ``attention_mask``), ``desirable`` (a 0-d bool), and the *mismatched* pair KTO
+    estimates its KL reference point from: this prompt with the previous
+    example's completion (``kl_input_ids``, ``kl_labels``, ``kl_attention_mask``; the
+    first example takes the last one's), as TRL builds it by rotating completions.
+    """
+
+    NAME, KIND = "UnpairedPreferenceDataset", "kto"
+
+    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int, *, chat_template: bool | None = None,
+                 template_kwargs: dict | None = None):
+        examples = list(examples)
+        rotated = [{**ex, "_kl_completion": examples[i - 1]["completion"]} if isinstance(ex, dict) else ex
+                   for i, ex in enumerate(examples)]
+        super().__init__(rotated, tokenizer, max_length, chat_template=chat_template, template_kwargs=template_kwargs)
+
+    def _make(self, ex: dict) -> dict | None:
+        reply = super()._make({"prompt": ex["prompt"], "completion": ex["completion"]})
+        kl = super()._make({"prompt": ex["prompt"], "completion": ex["_kl_completion"]})
+        if reply is None or kl is None:
+            return None
+        return {**reply, "kl_input_ids": kl["input_ids"], "kl_labels": kl["labels"],
+                "kl_attention_mask": kl["attention_mask"], "desirable": torch.tensor(bool(ex["label"]))}

@@ -27,13 +27,17 @@ before and after training):
   reference and ties count as wrong) and the share of greedy held-out replies
   in the preferred bare style (:func:`is_preferred_style`), which SFT left in
   the minority.
+- *grpo* -- prompts of training words with their answers; the policy samples
+  several replies per prompt and is rewarded 1 for a right answer in either
+  style (:func:`answer_reward`). Metric: the held-out exact match of greedy
+  replies, as for SFT.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
 
-__all__ = ["DemoCorpus", "demo_corpus", "RULES", "question", "extract_answer", "is_preferred_style"]
+__all__ = ["DemoCorpus", "demo_corpus", "RULES", "question", "extract_answer", "is_preferred_style", "answer_reward"]
 
 RULES = {
     "reverse": lambda w: w[::-1],
@@ -73,6 +77,7 @@ class DemoCorpus:
     sft_eval: list = field(default_factory=list)       # {"prompt", "answer", "rule", "word"}
     dpo: list = field(default_factory=list)            # {"prompt", "chosen", "rejected"}
     dpo_eval: list = field(default_factory=list)       # {"prompt", "chosen", "rejected"}
+    grpo: list = field(default_factory=list)           # {"prompt", "answer"}
 
 
 def _words(rng: random.Random, n: int, taken: set, held_out: frozenset = frozenset()) -> list[str]:
@@ -88,10 +93,10 @@ def _words(rng: random.Random, n: int, taken: set, held_out: frozenset = frozens
 
 
 def demo_corpus(seed: int = 0, *, n_pretrain: int = 3000, sentences_per_doc: int = 8, n_sft: int = 3000,
-                n_dpo: int = 2000, n_eval: int = 200) -> DemoCorpus:
+                n_dpo: int = 2000, n_eval: int = 200, n_grpo: int = 2000) -> DemoCorpus:
     """Generate the corpus; identical for identical arguments."""
     for name, value in dict(n_pretrain=n_pretrain, sentences_per_doc=sentences_per_doc, n_sft=n_sft,
-                            n_dpo=n_dpo, n_eval=n_eval).items():
+                            n_dpo=n_dpo, n_eval=n_eval, n_grpo=n_grpo).items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"demo_corpus: {name} must be a positive int, got {value!r}.")
     rng = random.Random(seed)
@@ -123,4 +128,12 @@ def demo_corpus(seed: int = 0, *, n_pretrain: int = 3000, sentences_per_doc: int
 
     c.dpo = [pair(*pick(train_words)) for _ in range(n_dpo)]
     c.dpo_eval = [pair(rng.choice(rules), w) for w in eval_words[2 * n_eval:]]
+    # Drawn last, so the sets above are what they were before GRPO joined the demo.
+    c.grpo = [{"prompt": question(rule, word), "answer": RULES[rule](word)}
+              for rule, word in (pick(train_words) for _ in range(n_grpo))]
     return c
+
+
+def answer_reward(prompts, completions, answer, **_) -> list[float]:
+    """GRPO's reward on the demo tasks: 1.0 where the reply's answer (either style) is right."""
+    return [float(extract_answer(c) == a) for c, a in zip(completions, answer)]

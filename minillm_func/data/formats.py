@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..stages import KINDS
 from .datasets import (RECORD_FIELDS, ConversationDataset, LanguageModelingDataset, PreferenceDataset,
-                       PromptDataset, validate_record)
+                       PromptDataset, UnpairedPreferenceDataset, validate_record)
 
 __all__ = ["read_records", "detect_kind", "load_dataset", "records_from_hf", "KINDS"]
 
@@ -30,6 +30,8 @@ def detect_kind(record, where: str) -> str:
     if isinstance(record, dict):
         if "chosen" in record or "rejected" in record:
             return "dpo"
+        if "label" in record and "completion" in record:
+            return "kto"
         if "messages" in record or "completion" in record:
             return "sft"
         if "text" in record:
@@ -129,7 +131,7 @@ def _load_hf_folder(path: Path) -> list[dict]:
 def load_dataset(source, tokenizer, max_length: int, *, kind: str | None = None, pack: bool | None = None):
     """A dataset from a file path, a dataset folder, a ``datasets.Dataset`` or a list of records.
 
-    ``kind`` ("pretrain", "sft", "dpo" or "grpo") is what the caller will train; the
+    ``kind`` ("pretrain", "sft", "dpo", "orpo" (DPO's pairs), "kto" or "grpo") is what the caller will train; the
     records' own kind must match it. ``pack`` applies to pretraining (default:
     packed for files, whose documents are rarely of one length).
     """
@@ -149,6 +151,8 @@ def load_dataset(source, tokenizer, max_length: int, *, kind: str | None = None,
         found = detect_kind(records[0], f"{name} row 0") if records else None
     if not records:
         raise ValueError(f"{name}: no records.")
+    if kind == "orpo":  # ORPO trains on DPO's pairs
+        kind = "dpo"
     if kind is not None and found != kind:
         raise ValueError(
             f"{name} holds {found} records ({RECORD_FIELDS[found]}), but {kind} training needs "
@@ -161,4 +165,6 @@ def load_dataset(source, tokenizer, max_length: int, *, kind: str | None = None,
         return ConversationDataset(records, tokenizer, max_length)
     if kind == "grpo":
         return PromptDataset(records, tokenizer, max_length)
+    if kind == "kto":
+        return UnpairedPreferenceDataset(records, tokenizer, max_length)
     return PreferenceDataset(records, tokenizer, max_length)
