@@ -1,7 +1,7 @@
 """The ``minillm-func`` command.
 
     minillm-func demo [--out runs/demo]                   # pretrain -> SFT -> DPO on the built-in corpus
-    minillm-func train {pretrain,sft,dpo,grpo} --data FILE --out DIR [--init RUN | --model HF_DIR] [--resume]
+    minillm-func train {pretrain,sft,dpo,orpo,kto,grpo} --data FILE --out DIR [--init RUN | --model HF_DIR] [--resume]
     minillm-func generate (--ckpt RUN | --model HF_DIR) --prompt TEXT [--chat] [--max-new-tokens N] ...
     minillm-func eval (--ckpt RUN | --model HF_DIR) --data FILE [--kind pretrain|sft|dpo]
     minillm-func export --ckpt RUN --out HF_DIR [--peft]       # a Hugging Face folder transformers loads
@@ -336,6 +336,7 @@ def _validate(s: dict, kind: str) -> None:
         except ValueError as e:
             need(False, f"--loss-type {s['loss_type']}: {_one_line(e)}")
         need(math.isfinite(s["beta"]) and s["beta"] > 0, f"--beta must be a positive number, got {s['beta']}.")
+        need(0 <= s["label_smoothing"] < 0.5, f"--label-smoothing must lie in [0, 0.5), got {s['label_smoothing']}.")
     if kind in ("orpo", "kto"):
         need(math.isfinite(s["beta"]) and s["beta"] > 0, f"--beta must be a positive number, got {s['beta']}.")
     if kind == "grpo":
@@ -364,7 +365,6 @@ def _validate(s: dict, kind: str) -> None:
                 reward_by_name(spec)
             except ValueError as e:
                 need(False, f"--rewards: {_one_line(e)}")
-        need(0 <= s["label_smoothing"] < 0.5, f"--label-smoothing must lie in [0, 0.5), got {s['label_smoothing']}.")
     need(s["lora_rank"] >= 0, f"--lora-rank must be >= 0 (0: no LoRA), got {s['lora_rank']}.")
     if s["lora_rank"]:
         alpha = s["lora_alpha"]

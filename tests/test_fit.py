@@ -99,11 +99,11 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     r = run_cli("demo", "--quick", "--out", "run", "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert set(summary["stages"]) == {"pretrain", "sft", "dpo"}
-    for stage in ("pretrain", "sft", "dpo"):
+    assert set(summary["stages"]) == {"pretrain", "sft", "dpo", "grpo"}
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
         assert (tmp_path / "run" / stage / "metrics.jsonl").exists()
         checkpoint.load(checkpoint.resolve(tmp_path / "run" / stage))
-    assert "held-out exact match" in r.stdout
+    assert "held-out exact match" in r.stdout and "mean reward of sampled replies" in r.stdout
 
 
 def test_ctrl_c_inside_an_accumulation_window_saves_the_last_update_boundary(tmp_path):
