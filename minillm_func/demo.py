@@ -74,11 +74,12 @@ class DemoConfig:
     # match 0.465 -> 0.25 in a measured run), while IPO's squared loss stops at its
     # target margin and keeps them (0.465 -> 0.465).
     dpo_loss_type: str = "ipo"
-    # GRPO from the SFT model: 8 prompts x 8 sampled replies per update, rewarded 1 for a right answer.
+    # GRPO from the SFT model: 8 prompts per update, rewarded 1 for a right answer ...
     grpo_steps: int = 60
     grpo_batch: int = 8
-    grpo_generations: int = 8
     grpo_lr: float = 5e-5
+    # ... of the 8 replies sampled for each.
+    grpo_generations: int = 8
     grpo_temperature: float = 1.0
     grpo_max_completion: int = 20
     n_eval: int = 200

@@ -432,7 +432,7 @@ class PreferenceDataset(_ChatItems):
         return {f"{side}_{k}": v for side, item in sides.items() for k, v in item.items()}
 
 
-class PromptDataset(_Items):
+class PromptDataset(_ChatItems):
     """Prompts for online RL (GRPO): each item is the tokenised prompt, plus the record's other columns.
 
     Each example is ``{"prompt", ...}``: a string or a list of messages, and any
@@ -446,12 +446,6 @@ class PromptDataset(_Items):
     """
 
     NAME, KIND = "PromptDataset", "grpo"
-
-    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int, *, chat_template: bool | None = None,
-                 template_kwargs: dict | None = None):
-        self.use_template = _use_template(tokenizer, chat_template)
-        self.template_kwargs = dict(template_kwargs or {})
-        self._collect(self.NAME, self.KIND, examples, tokenizer, max_length)
 
     def _make(self, ex: dict) -> dict | None:
         tok, prompt = self.tokenizer, ex["prompt"]
