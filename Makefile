@@ -29,7 +29,7 @@ $(VENV)/.plot-installed: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[plot]'
 	touch $@
 
-# The main job: pretrain -> SFT -> DPO a small model on the built-in corpus (about 4 minutes on 2 cores);
+# The main job: pretrain -> SFT -> DPO, and GRPO, a small model on the built-in corpus (about 5 minutes on 2 cores);
 # writes runs/demo/loss_curves.png too.
 demo: $(VENV)/.plot-installed
 	$(BIN)/minillm-func demo --out runs/demo

@@ -75,12 +75,14 @@ class DemoConfig:
     # target margin and keeps them (0.465 -> 0.465).
     dpo_loss_type: str = "ipo"
     # GRPO from the SFT model: 8 prompts per update, rewarded 1 for a right answer ...
-    grpo_steps: int = 60
+    # (measured from one SFT model, held-out exact match 0.80 after: lr 5e-5 x 120 updates at
+    # temperature 0.7 gave 0.825, 60 at 1.0 gave 0.82; 3e-4 fell to 0.705 and 1e-3 collapsed)
+    grpo_steps: int = 120
     grpo_batch: int = 8
     grpo_lr: float = 5e-5
     # ... of the 8 replies sampled for each.
     grpo_generations: int = 8
-    grpo_temperature: float = 1.0
+    grpo_temperature: float = 0.7
     grpo_max_completion: int = 20
     n_eval: int = 200
     eval_every: int = 0
