@@ -222,7 +222,8 @@ def grpo_objective(apply: Callable, *, loss_type: str = "dapo", epsilon: float =
 
     Metrics (per micro-batch, count-weighted over a window): the loss's (``clip_ratio``, ``kl``),
     ``entropy`` (mean over completion tokens), and the sampler's ``reward``, ``reward_std``,
-    ``completion_length`` and ``rewards/<function>`` means.
+    ``completion_length``, and per reward function ``rewards/<function>`` (mean) and
+    ``rewards/<function>/std`` (the standard deviations are each micro-batch's).
     """
     grpo_loss(torch.zeros(1, 1), None, torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), loss_type=loss_type,
               epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, importance_sampling_level=importance_sampling_level,
@@ -252,9 +253,10 @@ def grpo_objective(apply: Callable, *, loss_type: str = "dapo", epsilon: float =
             metrics["reward"] = rewards.mean()
             metrics["reward_std"] = rewards.std(unbiased=False)
             metrics["completion_length"] = batch["completion_length"].float().mean()
-            for k, v in batch.items():
+            for k, v in list(batch.items()):
                 if k.startswith("rewards/"):
                     metrics[k] = v.float().mean()
+                    metrics[k + "/std"] = v.float().std(unbiased=False)
         return total, (grpo_count(loss_type, mask), metrics)
 
     return loss_fn

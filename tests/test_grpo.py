@@ -211,6 +211,9 @@ def test_lora_grpo_with_a_kl_term_uses_the_base_as_reference():
     batch = trainer.prepare(state, mf.collate([data[0], data[1]], pad_id=TOK.pad_id), 0)
     state, metrics = trainer.step(state, batch)
     assert float(metrics["kl"]) == 0.0  # adapters at init: the policy is the base
+    rewards = batch["rewards/varied"]
+    assert float(metrics["rewards/varied"]) == pytest.approx(float(rewards.mean()))
+    assert float(metrics["rewards/varied/std"]) == pytest.approx(float(rewards.std(unbiased=False)))
     state, metrics = trainer.step(state, batch)
     assert float(metrics["kl"]) > 0.0
 
