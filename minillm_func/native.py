@@ -118,10 +118,18 @@ static void span(const float* p, const float* g, const float* m, const float* v,
   for (; i < hi; ++i) one(p, g, m, v, po, mo, vo, i, decay, h);
 }
 
+static void keep(const float* p, const float* m, const float* v, float* po, float* mo, float* vo,
+                 int64_t i, int64_t hi) {
+  for (; i < hi; ++i) { po[i] = p[i]; mo[i] = m[i]; vo[i] = v[i]; }
+}
+
 /* ptrs: 7 per leaf (p, g, m, v, p_out, m_out, v_out); the outputs may be the inputs (in place).
-   Threads split the concatenation of all leaves into equal element ranges. */
+   *skip non-zero: the outputs receive the inputs unchanged (a skipped update; the flag is read
+   here, so the caller never waits on it). Threads split the concatenation of all leaves into
+   equal element ranges. */
 void adamw_f32(int64_t n_leaves, float** ptrs, const int64_t* sizes, const float* decays,
-               const hyper_t* h, int nthreads) {
+               const hyper_t* h, int nthreads, const unsigned char* skip) {
+  const int skipped = *skip != 0;
   int64_t total = 0;
   for (int64_t k = 0; k < n_leaves; ++k) total += sizes[k];
 #ifdef _OPENMP
@@ -137,7 +145,11 @@ void adamw_f32(int64_t n_leaves, float** ptrs, const int64_t* sizes, const float
     for (int64_t k = 0; k < n_leaves && base < hi; base += sizes[k], ++k) {
       int64_t a = lo > base ? lo - base : 0, b = hi - base < sizes[k] ? hi - base : sizes[k];
       float** q = ptrs + 7 * k;
-      if (a < b) span(q[0], q[1], q[2], q[3], q[4], q[5], q[6], a, b, decays[k], h);
+      if (a < b && skipped) {
+        if (q[4] != q[0]) keep(q[0], q[2], q[3], q[4], q[5], q[6], a, b);
+      } else if (a < b) {
+        span(q[0], q[1], q[2], q[3], q[4], q[5], q[6], a, b, decays[k], h);
+      }
     }
 #ifdef W
     _mm_sfence(); /* streaming stores are weakly ordered: publish them before returning */
@@ -211,7 +223,8 @@ def _build():
         lib = ctypes.CDLL(str(target))
         lib.adamw_f32.restype = None
         lib.adamw_f32.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
-                                  ctypes.POINTER(ctypes.c_float), ctypes.POINTER(_Hyper), ctypes.c_int]
+                                  ctypes.POINTER(ctypes.c_float), ctypes.POINTER(_Hyper), ctypes.c_int,
+                                  ctypes.c_void_p]
         return lib
     raise OSError(f"the C compiler failed: {last_error}")
 
@@ -253,13 +266,14 @@ def eligible(ps, gs, ms, vs) -> bool:
 
 
 def adamw_into(ps, gs, ms, vs, out_p, out_m, out_v, decays, *, lr: float, b1: float, b2: float, eps: float,
-               weight_decay: float, step: int) -> None:
+               weight_decay: float, step: int, skip: torch.Tensor | None = None) -> None:
     """One AdamW step (update number ``step``, counted from 1) written into ``out_*``.
 
     Reads ``ps, gs, ms, vs``; ``out_*`` may be those same tensors (in place) or
     other tensors of the same sizes. ``decays[i]`` says whether leaf ``i`` is
     decayed. Hyper-parameters are Python numbers; the bias corrections are
-    computed here in float64, as torch does.
+    computed here in float64, as torch does. ``skip``: a 0-d bool CPU tensor; when
+    true the outputs receive the inputs unchanged (read inside the kernel).
     """
     if not available():
         raise RuntimeError(f"the native AdamW kernel is not available: {_failure}")
@@ -270,7 +284,8 @@ def adamw_into(ps, gs, ms, vs, out_p, out_m, out_v, decays, *, lr: float, b1: fl
     ptrs = (ctypes.c_void_p * (7 * n))(*[x.data_ptr() for group in zip(ps, gs, ms, vs, out_p, out_m, out_v)
                                          for x in group])
     sizes, factors = _sizes_and_factors(tuple(x.numel() for x in ps), tuple(decays), 1 - lr * weight_decay)
-    _lib.adamw_f32(n, ptrs, sizes, factors, ctypes.byref(h), torch.get_num_threads())
+    flag = (torch.zeros((), dtype=torch.uint8) if skip is None else skip.to(torch.uint8)).contiguous()
+    _lib.adamw_f32(n, ptrs, sizes, factors, ctypes.byref(h), torch.get_num_threads(), ctypes.c_void_p(flag.data_ptr()))
 
 
 _last_arrays: list = [None, None]  # (key, arrays): the previous call's, reused while nothing changes

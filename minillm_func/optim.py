@@ -43,6 +43,7 @@ Example::
 """
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import threading
@@ -78,12 +79,20 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     return T.tree_map(lambda p, u: (p + u).to(p.dtype), params, updates)
 
 
-def step(transform: Transform, grads: PyTree, state: PyTree, params: PyTree, *, donate: bool = False):
+def step(transform: Transform, grads: PyTree, state: PyTree, params: PyTree, *, donate: bool = False,
+         skip: torch.Tensor | None = None):
     """New params and state in one call: the transform's fast ``apply`` where it has one.
 
     ``donate=True`` hands ``state`` and ``params`` over to the call, like JAX's
     ``donate_argnums``: their buffers may be updated in place and must not be
     used afterwards. Without it, nothing the caller holds changes.
+
+    ``skip`` (a 0-d bool tensor) makes the result equal to ``(params, state)`` where it
+    is true -- a non-finite or not-yet-complete accumulation window -- without a host
+    sync: the fused and native kernels read the flag themselves (so a skipped update
+    costs no extra pass over params and moments), other transforms are selected
+    leaf by leaf. With ``skip`` and a transform whose ``apply`` does not take it,
+    ``donate`` is ignored (the old values must survive).
 
     Example::
 
@@ -92,10 +101,24 @@ def step(transform: Transform, grads: PyTree, state: PyTree, params: PyTree, *, 
         params, opt_state = step(opt, grads, opt_state, params)               # pure
         params, opt_state = step(opt, grads, opt_state, params, donate=True)  # in place
     """
+    if skip is not None and transform.apply is not None and _takes_skip(transform.apply):
+        return transform.apply(grads, state, params, donate=donate, skip=skip)
     if transform.apply is not None:
-        return transform.apply(grads, state, params, donate=donate)
-    updates, new_state = transform.update(grads, state, params)
-    return apply_updates(params, updates), new_state
+        new_params, new_state = transform.apply(grads, state, params, donate=donate and skip is None)
+    else:
+        updates, new_state = transform.update(grads, state, params)
+        new_params = apply_updates(params, updates)
+    if skip is None:
+        return new_params, new_state
+    return T.select(skip, (params, state), (new_params, new_state))
+
+
+def _takes_skip(apply: Callable) -> bool:
+    """Whether a transform's ``apply`` handles ``skip`` itself (this library's do)."""
+    try:
+        return "skip" in inspect.signature(apply).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def chain(*transforms: Transform) -> Transform:
@@ -141,10 +164,12 @@ def chain(*transforms: Transform) -> Transform:
         updates, new_states = run(transforms, grads, state, params)
         return updates, tuple(new_states)
 
-    def apply(grads, state, params, *, donate=False):
+    def apply(grads, state, params, *, donate=False, skip=None):
         check(state)
         grads, new_states = run(transforms[:-1], grads, state[:-1], params)
-        params, last = step(transforms[-1], grads, state[-1], params, donate=donate)
+        if skip is not None:  # the small states of the transforms before the last: a select
+            new_states = [T.select(skip, old, new) for old, new in zip(state[:-1], new_states)]
+        params, last = step(transforms[-1], grads, state[-1], params, donate=donate, skip=skip)
         return params, (*new_states, last)
 
     return Transform(init, update, apply)
@@ -519,13 +544,16 @@ def adamw(learning_rate=1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1
         updates, (adam, _, _) = parts.update(grads, unpacked, params)
         return updates, AdamWState(*adam)
 
-    def apply(grads, state, params, *, donate=False):
+    def apply(grads, state, params, *, donate=False, skip=None):
         ps, gs, ms, vs = T.leaves(params), T.leaves(grads), T.leaves(state.mu), T.leaves(state.nu)
+        bumped = state.count + 1 if skip is None else torch.where(skip, state.count, state.count + 1)
         if not ps:  # nothing to update (e.g. a mask that selects no leaf)
-            return params, AdamWState(state.count + 1, state.mu, state.nu)
-        if impl == "reference" or T.under_transform(ps, gs, ms, vs):
+            return params, AdamWState(bumped, state.mu, state.nu)
+        plain = all(type(x) is torch.Tensor for x in ps)  # the kernels' skip flag is a plain tensor
+        if impl == "reference" or T.under_transform(ps, gs, ms, vs) or (skip is not None and not plain):
             updates, new_state = update(grads, state, params)
-            return apply_updates(params, updates), new_state
+            new = apply_updates(params, updates), new_state
+            return new if skip is None else T.select(skip, (params, state), new)
         _check_shapes(ps, gs, ms, vs)  # the kernels index raw memory: a wrong size must not get that far
         count = state.count
         decay = _resolve_mask(mask, params)
@@ -538,8 +566,8 @@ def adamw(learning_rate=1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1
             if kernel == "native" and native.eligible(ps, gs, ms, vs) and native.available():
                 out = (ps, ms, vs) if donate else _outputs(pool, ps, ms, vs)
                 native.adamw_into(ps, gs, ms, vs, *out, decay, lr=float(lr), b1=hyper[0], b2=hyper[1],
-                                   eps=hyper[2], weight_decay=hyper[3], step=int(count) + 1)
-                return _unflatten(params, out, t)
+                                   eps=hyper[2], weight_decay=hyper[3], step=int(count) + 1, skip=skip)
+                return _unflatten(params, out, bumped)
             if kernel == "fused" and fused_adamw_available():
                 kinds = {(x.device, x.dtype) for x in (*ps, *gs, *ms, *vs)}
                 # One device and dtype (the kernel's rule), and contiguous buffers to write in place: the
@@ -549,12 +577,13 @@ def adamw(learning_rate=1e-4, b1: float = 0.9, b2: float = 0.999, eps: float = 1
                 if len(kinds) == 1 and not kinds & fused_refused and writable:
                     out = (ps, ms, vs) if donate else _outputs(pool, ps, ms, vs, copy=True)
                     try:
-                        _adamw_fused(*out, [g.contiguous() for g in gs], decay, lr, t, *hyper)
-                        return _unflatten(params, out, t)
+                        _adamw_fused(*out, [g.contiguous() for g in gs], decay, lr, t, *hyper, skip=skip)
+                        return _unflatten(params, out, bumped)
                     except (RuntimeError, NotImplementedError):  # no kernel for this device or dtype; it
                         fused_refused.update(kinds)             # says so before writing anything
             if kernel == "foreach":
-                return _unflatten(params, _adamw_foreach(ps, gs, ms, vs, decay, lr, t, *hyper), t)
+                new = _unflatten(params, _adamw_foreach(ps, gs, ms, vs, decay, lr, t, *hyper), t)
+                return new if skip is None else T.select(skip, (params, state), new)
         raise AssertionError("unreachable: foreach always runs")
 
     return Transform(init, update, apply)
@@ -610,8 +639,10 @@ def _adamw_foreach(ps, gs, ms, vs, decay, lr, t, b1, b2, eps, wd):
     return torch._foreach_add(decayed, delta), new_m, new_v
 
 
-def _adamw_fused(ps, ms, vs, gs, decay, lr, t, b1, b2, eps, wd):
-    """torch's fused kernel, in place on ``ps, ms, vs`` (the caller made sure they may be written)."""
+def _adamw_fused(ps, ms, vs, gs, decay, lr, t, b1, b2, eps, wd, *, skip=None):
+    """torch's fused kernel, in place on ``ps, ms, vs`` (the caller made sure they may be written).
+    ``skip`` goes in as the kernel's ``found_inf``: where true it writes nothing."""
+    found_inf = None if skip is None else skip.to(device=ps[0].device, dtype=torch.float32)
     # The kernel reads the (already incremented) step count and never writes it,
     # so one tensor can serve every leaf.
     steps = [t.to(torch.float32)] * len(ps)
@@ -622,7 +653,7 @@ def _adamw_fused(ps, ms, vs, gs, decay, lr, t, b1, b2, eps, wd):
             pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
             torch._fused_adamw_(pick(ps), pick(gs), pick(ms), pick(vs), [], pick(steps), lr=lr,
                                 beta1=b1, beta2=b2, weight_decay=wd if decayed else 0.0, eps=eps,
-                                amsgrad=False, maximize=False)
+                                amsgrad=False, maximize=False, found_inf=found_inf)
 
 
 class _BufferPool:
@@ -760,10 +791,13 @@ def masked(transform: Transform, mask) -> Transform:
         inner_updates, inner = transform.update(pick(grads, flags), state.inner, pick(params, flags))
         return merge(grads, inner_updates, T.leaves(grads), flags), MaskedState(inner)
 
-    def apply(grads, state, params, *, donate=False):
+    def apply(grads, state, params, *, donate=False, skip=None):
         flags = _resolve_mask(mask, params)
-        new_selected, inner = step(transform, pick(grads, flags), state.inner, pick(params, flags), donate=donate)
+        new_selected, inner = step(transform, pick(grads, flags), state.inner, pick(params, flags), donate=donate,
+                                   skip=skip)
         passed = [p if f else (p + g).to(p.dtype) for p, g, f in zip(T.leaves(params), T.leaves(grads), flags)]
+        if skip is not None:
+            passed = [q if f else torch.where(skip, p, q) for p, q, f in zip(T.leaves(params), passed, flags)]
         return merge(params, new_selected, passed, flags), MaskedState(inner)
 
     return Transform(init, update, apply)
@@ -832,10 +866,14 @@ def inject_hyperparams(factory: Callable[..., Transform]) -> Callable[..., Trans
             updates, new_inner = run(lambda: inner.update(grads, state.inner, params), hp)
             return updates, InjectHyperparamsState(state.count + 1, hp, new_inner)
 
-        def apply(grads, state, params, *, donate=False):
+        def apply(grads, state, params, *, donate=False, skip=None):
             hp = values(state.count, state.hyperparams)
-            new_params, new_inner = run(lambda: step(inner, grads, state.inner, params, donate=donate), hp)
-            return new_params, InjectHyperparamsState(state.count + 1, hp, new_inner)
+            new_params, new_inner = run(lambda: step(inner, grads, state.inner, params, donate=donate, skip=skip),
+                                        hp)
+            count = state.count + 1
+            if skip is not None:
+                count, hp = T.select(skip, (state.count, state.hyperparams), (count, hp))
+            return new_params, InjectHyperparamsState(count, hp, new_inner)
 
         return Transform(init, update, apply)
 

@@ -134,10 +134,11 @@ def _core(loss_fn: LossFn, optimizer: Transform, *, accumulation_steps: int, los
             window = accum_result(accum)
         else:  # a whole window at once: no accumulator traffic
             accum, ready = state.accum, torch.ones((), dtype=torch.bool)
-            window = T.tree_map(lambda g: g / count.clamp_min(1).to(g.dtype), grads)
-        new_params, new_opt = optim_step(optimizer, window, state.opt_state, state.params)
+            window = _divide(grads, count.clamp_min(1))
         update = ready & ~found_inf
-        params, opt_state = T.select(update, (new_params, new_opt), (state.params, state.opt_state))
+        # A window that is not complete or not finite leaves params and optimizer state as they
+        # were: the kernels read `skip` themselves (no extra pass over params and moments).
+        params, opt_state = optim_step(optimizer, window, state.opt_state, state.params, skip=~update)
         if accumulate:
             accum = T.select(found_inf, state.accum, T.select(ready, accum_reset(accum), accum))
         scaler = amp.scaler_update(state.scaler, found_inf) if loss_scaling else state.scaler
@@ -253,6 +254,15 @@ def make_window_step(loss_fn: LossFn, optimizer: Transform, *, loss_scaling: boo
         return core.apply(state, total, count, loss_sum, aux, accumulate=False)
 
     return step
+
+
+def _divide(grads, count: torch.Tensor):
+    """``grads / count`` leaf by leaf (each in its own dtype); one multi-tensor kernel in eager mode."""
+    leaves = T.leaves(grads)
+    dtypes = {g.dtype for g in leaves}
+    if len(dtypes) != 1 or T.under_transform(grads):
+        return T.tree_map(lambda g: g / count.to(g.dtype), grads)
+    return T.unflatten_like(grads, list(torch._foreach_div(leaves, count.to(dtypes.pop()))))
 
 
 def _add_into(total, grads):

@@ -100,10 +100,6 @@ def under_transform(*trees: PyTree) -> bool:
                for x in leaves(trees))
 
 
-# Private alias for step.py and optim.py until they call under_transform; same answers there
-# (both already treated compilation as "wrapped").
-_functorch_wrapped = under_transform
-
 
 def all_finite(tree: PyTree) -> torch.Tensor:
     """A 0-d bool tensor: true when no leaf holds an inf or a NaN (no host sync)."""

@@ -693,3 +693,31 @@ def test_clipped_norm_reads_the_pre_clip_norm_through_every_wrapper():
     plain = optim.inject_hyperparams(optim.adamw)(learning_rate=1e-3)
     _, state = plain.update(grads, plain.init(params), params)
     assert torch.isnan(optim.clipped_norm(state))
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donated"])
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_skipped_update_leaves_params_and_state_bit_identical(impl, donate, dtype):
+    """``step(..., skip=True)`` with non-finite gradients gives back the old values exactly (through
+    each kernel's own skip), and ``skip=False`` the same update as no ``skip`` at all."""
+    g = gen(3)
+    params = {"a": torch.randn(300, 7, generator=g, dtype=dtype), "b": torch.randn(11, generator=g, dtype=dtype)}
+    grads = T.tree_map(lambda p: torch.randn(p.shape, generator=g, dtype=dtype), params)
+    h = dict(lr=3e-2, b1=0.9, b2=0.999, eps=1e-8, wd=0.5, max_norm=1.0, T_max=7, eta_min=0.0)
+    for opt in (ours(h, impl), optim.masked(ours(h, impl), {"a": True, "b": False}),
+                optim.inject_hyperparams(optim.adamw)(learning_rate=3e-2, impl=impl)):
+        state = opt.init(params)
+        params1, state1 = optim.step(opt, grads, state, T.tree_map(torch.clone, params))  # one real update first
+        before = T.tree_map(torch.clone, (params1, state1))
+        bad = T.tree_map(lambda x: torch.full_like(x, float("nan")), grads)
+        held = T.tree_map(torch.clone, (params1, state1)) if donate else (params1, state1)
+        got = optim.step(opt, bad, held[1], held[0], donate=donate, skip=torch.tensor(True))
+        for x, y in zip(T.leaves(got), T.leaves(before), strict=True):
+            assert torch.equal(x, y)
+        if not donate:  # pure: the caller's tensors are untouched
+            assert all(torch.equal(x, y) for x, y in zip(T.leaves((params1, state1)), T.leaves(before)))
+        plain = optim.step(opt, grads, state1, params1)
+        flagged = optim.step(opt, grads, state1, params1, skip=torch.tensor(False))
+        for x, y in zip(T.leaves(flagged), T.leaves(plain), strict=True):
+            assert torch.equal(x, y)
