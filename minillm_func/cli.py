@@ -119,6 +119,14 @@ TRAIN_SETTINGS = {
     "dist_timeout": (60.0, float, "seconds a data-parallel peer may stay silent before the run stops"),
 }
 
+# Settings that mean something for some stages only: given for another stage, they are refused.
+STAGE_ONLY = {
+    "loss_type": ("dpo", "grpo"), "loss_weights": ("dpo",), "label_smoothing": ("dpo",),
+    "precompute_reference": ("dpo",), "beta": ("dpo", "orpo", "kto", "grpo"),
+    **{name: ("grpo",) for name in ("rewards", "num_generations", "max_completion_length", "temperature", "top_p",
+                                     "scale_rewards", "epsilon", "epsilon_high", "importance_sampling_level")},
+}
+
 # Settings a resumed run may change: they do not alter the model, the data order or the update rule.
 RESUME_SAFE = {"steps", "epochs", "eval_data", "eval_every", "checkpoint_every", "keep_last", "max_skipped",
                "compile", "threads", "dist_timeout"}
@@ -262,7 +270,8 @@ def _check_type(name: str, value, where: str) -> None:
 
 
 def _reward_specs(text: str) -> list[str]:
-    return [r.strip() for r in str(text).split(",") if r.strip()]
+    """``--rewards``: names separated by commas; a comma inside a ``format:`` regex stays in it."""
+    return [r.strip() for r in re.split(r",(?=\s*(?:exact_match\b|format:))", str(text)) if r.strip()]
 
 
 def _loss_types(text: str) -> str | list[str]:
@@ -583,6 +592,15 @@ def _train(args) -> None:
 
     out = Path(args.out)
     given, source = _given_settings(args)
+    for name in sorted(given):
+        if name in STAGE_ONLY and args.kind not in STAGE_ONLY[name]:
+            raise UsageError(f"{_flag(name)} applies to {' and '.join(STAGE_ONLY[name])} training, not "
+                             f"{args.kind}; drop it.")
+    if given.get("lora_rank") in (None, 0):
+        extra = sorted(n for n in given if n.startswith("lora_") and n != "lora_rank")
+        if extra:
+            raise UsageError(f"{_flag(extra[0])} sets up LoRA, which --lora-rank R (> 0) turns on; add it or drop "
+                             f"{_flag(extra[0])}.")
     if args.resume:
         if args.init:
             raise UsageError("--resume continues the run in --out from its own checkpoint; drop --init.")
@@ -662,6 +680,8 @@ def _train(args) -> None:
     # GRPO's records are prompts: each keeps room for its completion within --max-length.
     item_length = s["max_length"] - s["max_completion_length"] if args.kind == "grpo" else s["max_length"]
     data = load_dataset(data_path, tok, item_length, kind=args.kind, pack=s["pack"])
+    if args.kind == "grpo":
+        _check_reward_columns(data, s, data_path)
     batches_per_epoch = math.ceil(len(data) / s["batch_size"])
     if s["steps"] is None:
         s["steps"] = max(1, (s["epochs"] or 0) * batches_per_epoch // s["accumulation_steps"]) \
@@ -734,6 +754,19 @@ def _train(args) -> None:
     if main:
         print(f"{args.kind}: checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'}")
     distributed.shutdown()
+
+
+def _check_reward_columns(data, s: dict, where) -> None:
+    """Every record has the columns the rewards read (``exact_match``: ``answer``), before any sampling."""
+    from .rl import required_columns, reward_by_name
+
+    for spec in _reward_specs(s["rewards"]):
+        needed = required_columns(reward_by_name(spec))
+        for i, item in enumerate(data):
+            missing = [c for c in needed if c not in item]
+            if missing:
+                raise UsageError(f"{where}: record {i} has no {missing[0]!r} column, which the reward {spec} "
+                                 f"reads; add it to every record or choose another --rewards.")
 
 
 def _grpo_options(s: dict, tok) -> dict:
@@ -865,6 +898,9 @@ def _eval(args) -> None:
     if kind is None:  # a Hugging Face folder: score the data as the stage its records are for
         kind = read_records(args.data)[0]
     settings = {}
+    if kind == trained_as and kind in ("orpo", "kto"):  # score with the run's own hyper-parameters
+        tc = meta.get("trainer_config", {})
+        settings = {k: tc[k] for k in ("beta", "desirable_weight", "undesirable_weight") if k in tc}
     if kind == trained_as == "dpo":  # score with the loss the checkpoint was trained with
         tc = meta.get("trainer_config", {})
         settings = {k: tc[k] for k in ("beta", "loss_type", "label_smoothing", "gamma", "loss_weights",
@@ -875,7 +911,7 @@ def _eval(args) -> None:
 
         tc = meta.get("trainer_config", {}) if trained_as == "grpo" else {}
         settings = {k: tc[k] for k in ("num_generations", "max_completion_length", "temperature", "top_p",
-                                       "scale_rewards", "loss_type", "epsilon", "epsilon_high",
+                                       "scale_rewards", "loss_type", "epsilon", "epsilon_high", "beta",
                                        "importance_sampling_level", "sampling_seed") if tc.get(k) is not None}
         settings.update(tokenizer=tok, reward_fns=[reward_by_name(r) for r in tc.get("rewards", ["exact_match"])])
         length -= settings.get("max_completion_length", 32)

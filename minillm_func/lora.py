@@ -366,7 +366,7 @@ def save_peft(path, adapters: dict, config: LoraConfig, *, base_model_name_or_pa
             "lora_dropout": config.dropout, "use_rslora": config.rslora, "bias": "none",
             "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
             "target_modules": sorted(PEFT_NAMES[k] for k in kinds),
-            "layers_to_transform": layers if len(layers) < 1 + max(layers) else None,
+            "layers_to_transform": layers,  # explicit: PEFT adapts every layer when this is None
             "base_model_name_or_path": base_model_name_or_path, "modules_to_save": None, "revision": None}
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (folder / ADAPTER_CONFIG).write_text(json.dumps(spec, indent=2))
@@ -392,9 +392,6 @@ def load_peft(path) -> tuple[dict, LoraConfig]:
     missing = [t for t in targets if t not in ours]
     if missing:
         raise ValueError(f"lora.load_peft: target modules {missing} have no counterpart here ({sorted(ours)}).")
-    config = LoraConfig(rank=int(spec["r"]), alpha=float(spec["lora_alpha"]),
-                        dropout=float(spec.get("lora_dropout") or 0.0), targets=tuple(ours[t] for t in targets),
-                        rslora=bool(spec.get("use_rslora", False)))
     adapters = {}
     for key, t in load_file(str(folder / ADAPTER_WEIGHTS)).items():
         body = key.removeprefix("base_model.model.")
@@ -403,4 +400,11 @@ def load_peft(path) -> tuple[dict, LoraConfig]:
         if name is None or part not in ADAPTER_KEYS:
             raise ValueError(f"lora.load_peft: unexpected tensor {key!r} in {folder / ADAPTER_WEIGHTS}.")
         adapters[f"{name[: -len('.weight')]}.{part}"] = t
+    # With layers_to_transform (some layers only) the targets are the full names of what was loaded,
+    # so that merge and apply adapt exactly those layers.
+    chosen = (tuple(sorted({k.rsplit(".", 1)[0] for k in adapters})) if spec.get("layers_to_transform") is not None
+              else tuple(ours[t] for t in targets))
+    config = LoraConfig(rank=int(spec["r"]), alpha=float(spec["lora_alpha"]),
+                        dropout=float(spec.get("lora_dropout") or 0.0), targets=chosen,
+                        rslora=bool(spec.get("use_rslora", False)))
     return adapters, config

@@ -646,8 +646,14 @@ def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_c
         raise ValueError(f"orpo_loss: beta (the odds-ratio weight) must be positive, got {beta}.")
     mean_w = chosen_logps / chosen_counts.clamp_min(1)
     mean_l = rejected_logps / rejected_counts.clamp_min(1)
-    # log(1 - e^x) for x < 0, computed stably (expm1 near 0, log1p far from it)
-    log_one_minus = lambda x: torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))  # noqa: E731
+    def log_one_minus(x):
+        # log(1 - e^x) for x < 0, stably: expm1 near 0, log1p far from it. x is kept below -1e-7
+        # (a reply of probability 1 would make it -inf) and each branch sees only inputs valid for
+        # it, so the branch torch.where discards has no NaN gradient to leak.
+        x = x.clamp(max=-1e-7)
+        near = x > -0.693
+        return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, -1.0))),
+                           torch.log1p(-torch.exp(torch.where(near, -1.0, x))))
     log_odds = (mean_w - mean_l) - (log_one_minus(mean_w) - log_one_minus(mean_l))
     ratio = F.logsigmoid(log_odds)
     losses = -mean_w - beta * ratio

@@ -209,11 +209,12 @@ def kto_objective(head: Head | Callable, *, beta: float = 0.1, desirable_weight:
 
 def grpo_objective(apply: Callable, *, loss_type: str = "dapo", epsilon: float = 0.2,
                    epsilon_high: float | None = None, beta: float = 0.0, importance_sampling_level: str = "token",
-                   max_completion_length: int | None = None) -> Callable:
+                   max_completion_length: int | None = None, temperature: float = 1.0) -> Callable:
     """``grpo_loss`` over a sampled batch (:func:`minillm_func.rl.make_sampler`): ``input_ids``, ``labels``
     on the completion tokens, ``advantages`` per completion.
 
-    ``apply(params, ids) -> logits``. The sampling policy's log-probs are ``batch["old_logps"]`` when
+    ``apply(params, ids) -> logits``, divided by ``temperature`` (the sampler's), so the log-probs
+    are those of the policy that sampled. The sampling policy's log-probs are ``batch["old_logps"]`` when
     the batch carries them, else this forward's own, detached (one update per batch: the ratio is
     exactly 1 and the loss's gradient is the policy gradient). With ``beta > 0`` the reference's
     token log-probs come from ``batch["ref_logps"]`` or the frozen ``extras["ref_params"]``.
@@ -229,9 +230,16 @@ def grpo_objective(apply: Callable, *, loss_type: str = "dapo", epsilon: float =
               epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, importance_sampling_level=importance_sampling_level,
               max_completion_length=max_completion_length)  # validate the hyper-parameters now
 
+    if not temperature > 0:
+        raise ValueError(f"grpo: temperature must be positive, got {temperature}.")
+
+    def scaled(params, ids):
+        logits = apply(params, ids)
+        return logits if temperature == 1.0 else logits / temperature
+
     def loss_fn(params, batch, extras):
         ids, labels = batch["input_ids"], batch["labels"]
-        logits = apply(params, ids)
+        logits = scaled(params, ids)
         logps = token_logps(logits, labels)
         mask = labels != IGNORE_INDEX
         ref = batch.get("ref_logps")
@@ -239,7 +247,7 @@ def grpo_objective(apply: Callable, *, loss_type: str = "dapo", epsilon: float =
             if "ref_params" not in extras:
                 raise ValueError("grpo: beta > 0 needs a reference: build the state with trainer.init(params).")
             with torch.no_grad():
-                ref = token_logps(apply(extras["ref_params"], ids), labels)
+                ref = token_logps(scaled(extras["ref_params"], ids), labels)
         total, metrics = grpo_loss(logps, batch.get("old_logps"), ref, batch["advantages"], mask,
                                    loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, beta=beta,
                                    importance_sampling_level=importance_sampling_level,

@@ -22,6 +22,7 @@ place in its window, so a resumed run samples what the uninterrupted one did.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from typing import Callable, Sequence
@@ -32,7 +33,8 @@ from .generate import generate
 from .labels import IGNORE_INDEX
 from .model import Model
 
-__all__ = ["exact_match", "format_reward", "group_advantages", "make_sampler", "REWARDS", "reward_by_name"]
+__all__ = ["exact_match", "format_reward", "group_advantages", "make_sampler", "REWARDS", "reward_by_name",
+           "required_columns"]
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -66,6 +68,17 @@ def reward_by_name(spec: str) -> RewardFn:
         except re.error as e:
             raise ValueError(f"reward {spec!r}: not a regular expression ({e}).") from None
     raise ValueError(f"unknown reward {spec!r}; use exact_match or format:REGEX.")
+
+
+def required_columns(reward_fn: RewardFn) -> list[str]:
+    """The record columns a reward function needs: its parameters after ``prompts`` and ``completions``
+    that have no default (``exact_match`` needs ``answer``)."""
+    try:
+        params = list(inspect.signature(reward_fn).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.default is inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
@@ -107,6 +120,11 @@ def make_sampler(model: Model, tokenizer, reward_fns: Sequence[RewardFn], *, num
     if not isinstance(num_generations, int) or num_generations < 2:
         raise ValueError(f"num_generations must be an int >= 2 (advantages compare completions of one prompt), "
                          f"got {num_generations!r}.")
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}.")
+    if not temperature > 0:
+        raise ValueError(f"GRPO samples: temperature must be positive (0 would give every completion of a "
+                         f"group the same tokens and zero advantages), got {temperature}.")
     weights = [1.0] * len(reward_fns) if reward_weights is None else [float(w) for w in reward_weights]
     if len(weights) != len(reward_fns):
         raise ValueError(f"reward_weights has {len(weights)} entries for {len(reward_fns)} reward functions.")

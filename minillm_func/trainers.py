@@ -389,7 +389,7 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
             loss_fn = grpo_objective(_logits_fn(adapted, policy), loss_type=loss_type, epsilon=epsilon,
                                      epsilon_high=epsilon_high, beta=beta,
                                      importance_sampling_level=importance_sampling_level,
-                                     max_completion_length=max_completion_length)
+                                     max_completion_length=max_completion_length, temperature=temperature)
         else:
             loss_fn = dpo_objective(head, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                                     gamma=gamma, **dpo_options)
@@ -398,7 +398,7 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     if lora is not None and kind == "grpo":
         # GRPO's KL reference is the base, adapters off.
         base_logits = _logits_fn(model, policy)
-        reference = (lambda base, batch: {"ref_logps": token_logps(base_logits(base, batch["input_ids"]),
+        reference = (lambda base, batch: {"ref_logps": token_logps(base_logits(base, batch["input_ids"]) / temperature,
                                                                    batch["labels"])}) if needs_reference else None
         loss_fn = lora_objective(loss_fn, lora, reference=reference, reference_keys=("ref_logps",))
         needs_reference = False

@@ -259,3 +259,41 @@ def test_completions_that_stop_end_with_the_end_token_and_truncated_ones_do_not(
         assert (out["labels"][i] != mf.IGNORE_INDEX).sum() == len(completion)
     # exact match reads the decoded text without the end token: "A" is not "a"
     assert out["rewards"].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_the_loss_scores_completions_at_the_sampling_temperature():
+    # the log-probs of the policy that sampled: logits / T, in the loss and in the KL's reference
+    model = mf.build_model(CFG)
+    params = model.init(0)
+    from minillm_func.objectives import grpo_objective
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, TOK.vocab_size, (4, 12), generator=g)
+    labels = torch.full_like(ids, mf.IGNORE_INDEX)
+    labels[:, 5:11] = ids[:, 6:12]
+    batch = {"input_ids": ids, "labels": labels, "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5]),
+             "old_logps": torch.zeros(4, 12) - 5.0, "rewards": torch.zeros(4), "completion_length": torch.ones(4)}
+    ours = grpo_objective(model.apply, temperature=0.5, beta=0.1, epsilon=0.9, epsilon_high=1e9)
+    by_hand = grpo_objective(lambda p, x: model.apply(p, x) / 0.5, temperature=1.0, beta=0.1, epsilon=0.9,
+                             epsilon_high=1e9)
+    extras = {"ref_params": {k: v * 0.9 for k, v in params.items()}}
+    a = torch.func.grad(lambda p: ours(p, batch, extras)[0])(params)
+    b = torch.func.grad(lambda p: by_hand(p, batch, extras)[0])(params)
+    plain = torch.func.grad(lambda p: grpo_objective(model.apply, beta=0.1, epsilon=0.9, epsilon_high=1e9)(
+        p, batch, extras)[0])(params)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.allclose(a[k], plain[k]) for k in a)
+
+
+def test_cli_checks_the_reward_columns_and_keeps_commas_inside_a_regex(tmp_path, monkeypatch, capsys):
+    from minillm_func import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": r["prompt"]}) for r in prompts(4)))
+    common = ["--data", "p.jsonl", "--batch-size", "2", "--num-generations", "2", "--max-completion-length", "2",
+              "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--max-length", "32", "--no-progress", "--steps", "1"]
+    assert cli.main(["train", "grpo", "--out", "a", *common]) == 2
+    assert "has no 'answer' column, which the reward exact_match reads" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    assert cli.main(["train", "grpo", "--out", "b", "--rewards", r"format:[a-z]{1,3}", *common]) == 0
+    assert cli._reward_specs(r"exact_match,format:\d{1,3},format:x") == ["exact_match", r"format:\d{1,3}", "format:x"]

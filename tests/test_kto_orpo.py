@@ -134,3 +134,41 @@ def test_cli_trains_orpo_and_kto(tmp_path, monkeypatch, capsys):
     assert "kl" in json.loads(capsys.readouterr().out)
     assert cli.main(["train", "kto", "--data", "pairs.jsonl", "--out", "x", *common]) == 1
     assert "kto training needs" in capsys.readouterr().err
+
+
+def test_an_sft_record_with_a_label_column_of_another_kind_stays_sft():
+    records = [{"prompt": "Q: a\nA: ", "completion": "b", "label": "arithmetic"}]
+    assert isinstance(mf.load_dataset(records, TOK, 32, kind="sft"), mf.ConversationDataset)
+    assert mf.data.detect_kind({"prompt": "p", "completion": "c", "label": False}, "x") == "kto"
+
+
+def test_orpo_gradient_stays_finite_for_a_certain_reply():
+    for mean in (-1e-8, -0.0, -1e-4):
+        sw = torch.tensor([mean * 4], dtype=torch.float64, requires_grad=True)
+        loss, _ = orpo_loss(sw, torch.tensor([-8.0], dtype=torch.float64), torch.tensor([4.0]), torch.tensor([4.0]))
+        (g,) = torch.autograd.grad(loss, sw)
+        assert torch.isfinite(loss) and torch.isfinite(g)
+
+
+def test_cli_eval_scores_kto_with_the_runs_beta_and_refuses_other_stages_flags(tmp_path, monkeypatch, capsys):
+    from minillm_func import checkpoint, cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kto.jsonl").write_text("\n".join(json.dumps(x) for x in kto_records()))
+    common = ["--steps", "2", "--batch-size", "4", "--dim", "32", "--n-layers", "1", "--n-heads", "2",
+              "--max-length", "64", "--no-progress"]
+    assert cli.main(["train", "kto", "--data", "kto.jsonl", "--out", "k", "--beta", "0.5", *common]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--ckpt", "k", "--data", "kto.jsonl"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    state, meta = checkpoint.load(checkpoint.resolve(tmp_path / "k"))
+    model = mf.build_model(mf.ModelConfig(**meta["model_config"]))
+    trainer = mf.create_trainer("kto", model, beta=0.5)
+    data = mf.load_dataset(tmp_path / "kto.jsonl", TOK, 64, kind="kto")
+    want = trainer.evaluate(state, mf.Batches(data, 32, shuffle=False, epochs=1))
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    for argv, text in [(["train", "orpo", "--num-generations", "5"], "--num-generations applies to grpo"),
+                       (["train", "sft", "--loss-type", "ipo"], "--loss-type applies to dpo and grpo"),
+                       (["train", "sft", "--lora-alpha", "3"], "--lora-rank R (> 0) turns on")]:
+        assert cli.main([*argv, "--data", "kto.jsonl", "--out", "z", *common]) == 2
+        assert text in capsys.readouterr().err

@@ -199,7 +199,7 @@ def test_our_peft_folder_loads_in_peft_with_equal_logits(hf_folder, tmp_path):
         torch.testing.assert_close(ours[..., :61], loaded(input_ids=ids).logits, rtol=0, atol=1e-5)
     back, back_config = lora.load_peft(tmp_path / "adapter")
     assert back_config == dataclasses.replace(config, targets=back_config.targets)
-    assert set(back_config.targets) == set(config.targets)
+    assert lora.target_names(params, back_config) == lora.target_names(params, config)
     assert set(back) == set(adapters) and all(torch.equal(back[k], adapters[k]) for k in adapters)
 
 
@@ -456,3 +456,20 @@ def test_cli_lora_sft_resume_eval_export_merged_and_peft(tmp_path, monkeypatch, 
     assert "base model cannot be read" in run("generate", "--ckpt", "a", "--prompt", "Q: ", code=1)
     (tmp_path / "tiny").rename(tmp_path / "gone")
     assert "is not at hand" in run("export", "--ckpt", "a", "--out", "y", code=2)
+
+
+def test_a_peft_folder_of_some_layers_adapts_only_those_both_ways(hf_folder, tmp_path):
+    model, params, _ = mf.hf.load_pretrained(hf_folder, tokenizer=False)
+    config = LoraConfig(rank=2, alpha=4, targets=("layers.0.attn.wq",))
+    adapters = random_adapters(params, config)
+    lora.save_peft(tmp_path / "one", adapters, config)
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_folder).eval()
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "one").eval()
+    assert sum("lora_A" in n for n, _ in loaded.named_parameters()) == 1  # layer 0's q_proj only
+    ids = ids_batch()["input_ids"]
+    ours = lora.apply(model, config).apply(lora.combine(params, adapters, config), ids)
+    with torch.no_grad():
+        torch.testing.assert_close(ours[..., :61], loaded(input_ids=ids).logits, rtol=0, atol=1e-5)
+    back, back_config = lora.load_peft(tmp_path / "one")
+    merged = lora.merge(params, back, back_config)
+    torch.testing.assert_close(model.apply(merged, ids), ours, rtol=0, atol=1e-5)

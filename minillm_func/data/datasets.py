@@ -479,8 +479,9 @@ class UnpairedPreferenceDataset(ConversationDataset):
     def __init__(self, examples: Sequence[dict], tokenizer, max_length: int, *, chat_template: bool | None = None,
                  template_kwargs: dict | None = None):
         examples = list(examples)
-        rotated = [{**ex, "_kl_completion": examples[i - 1]["completion"]} if isinstance(ex, dict) else ex
-                   for i, ex in enumerate(examples)]
+        for i, ex in enumerate(examples):  # before the rotation reads another example's completion
+            validate_record(self.KIND, ex, f"example {i}")
+        rotated = [{**ex, "_kl_completion": examples[i - 1]["completion"]} for i, ex in enumerate(examples)]
         super().__init__(rotated, tokenizer, max_length, chat_template=chat_template, template_kwargs=template_kwargs)
 
     def _make(self, ex: dict) -> dict | None:

@@ -30,7 +30,7 @@ def detect_kind(record, where: str) -> str:
     if isinstance(record, dict):
         if "chosen" in record or "rejected" in record:
             return "dpo"
-        if "label" in record and "completion" in record:
+        if isinstance(record.get("label"), bool) and "completion" in record:  # KTO's desirable / not
             return "kto"
         if "messages" in record or "completion" in record:
             return "sft"
@@ -153,6 +153,8 @@ def load_dataset(source, tokenizer, max_length: int, *, kind: str | None = None,
         raise ValueError(f"{name}: no records.")
     if kind == "orpo":  # ORPO trains on DPO's pairs
         kind = "dpo"
+    if kind == "kto" and found == "sft" and "label" in records[0]:  # a KTO record whose label is not a bool
+        validate_record("kto", records[0], f"{name} row 0")
     if kind is not None and found != kind:
         raise ValueError(
             f"{name} holds {found} records ({RECORD_FIELDS[found]}), but {kind} training needs "
