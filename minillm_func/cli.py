@@ -626,7 +626,7 @@ def _train(args) -> None:
     what, hf_meta = ("--model" if model_path else "--init"), {}
     if init_path:
         init_state, init_meta, model, tok, init_folder = _load_checkpoint(init_path, "--init")
-        init_path = str(init_folder)
+        init_path = str(Path(init_folder).resolve())  # absolute: read again from any directory
     elif model_path:
         model, hf_params, tok, hf_meta = _load_hf(model_path, s.get("dtype"))
         init_state, init_meta = _Params(hf_params), {"model_config": dataclasses.asdict(model.config)}
