@@ -83,7 +83,8 @@ def required_columns(reward_fn: RewardFn) -> list[str]:
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
     """``rewards [N * G]`` (G consecutive completions per prompt) -> advantages: the reward minus its
-    group's mean, divided by ``std + 1e-4`` (the group's, the whole batch's, or none); a group
+    group's mean, divided by ``std + 1e-4`` (the group's, the whole batch's, or none; "batch" is
+    the rollout batch, one micro-batch of prompts, not the whole accumulated update); a group
     whose rewards are all equal gets advantage 0. Standard deviations are unbiased (``torch.std``), as TRL's.
     """
     if scale_rewards not in ("group", "batch", "none"):

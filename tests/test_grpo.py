@@ -297,3 +297,8 @@ def test_cli_checks_the_reward_columns_and_keeps_commas_inside_a_regex(tmp_path,
     assert not (tmp_path / "a" / "checkpoints").exists()
     assert cli.main(["train", "grpo", "--out", "b", "--rewards", r"format:[a-z]{1,3}", *common]) == 0
     assert cli._reward_specs(r"exact_match,format:\d{1,3},format:x") == ["exact_match", r"format:\d{1,3}", "format:x"]
+
+
+def test_prompt_records_must_share_their_columns():
+    with pytest.raises(ValueError, match=r"example 1 has the columns \['prompt'\], example 0 has \['answer', 'prompt'\]"):
+        mf.data.PromptDataset([{"prompt": "a", "answer": "b"}, {"prompt": "c"}], TOK, 16)

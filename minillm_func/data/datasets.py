@@ -447,6 +447,17 @@ class PromptDataset(_ChatItems):
 
     NAME, KIND = "PromptDataset", "grpo"
 
+    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int, *, chat_template: bool | None = None,
+                 template_kwargs: dict | None = None):
+        examples = list(examples)
+        columns = set(examples[0]) if examples and isinstance(examples[0], dict) else None
+        for i, ex in enumerate(examples):  # a batch gathers each column: every record must have the same ones
+            if columns is not None and isinstance(ex, dict) and set(ex) != columns:
+                raise ValueError(f"{self.NAME}: example {i} has the columns {sorted(ex)}, example 0 has "
+                                 f"{sorted(columns)}; give every prompt record the same columns.")
+        super().__init__(examples, tokenizer, max_length, chat_template=chat_template,
+                         template_kwargs=template_kwargs)
+
     def _make(self, ex: dict) -> dict | None:
         tok, prompt = self.tokenizer, ex["prompt"]
         if self.use_template:
