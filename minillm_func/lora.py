@@ -250,9 +250,9 @@ def combine(base: dict, adapters: dict, config: LoraConfig, key: torch.Tensor | 
     """
     params = {**base, **adapters}
     if config.dropout:
-        flag = torch.ones(1, dtype=torch.int64) if key is not None else torch.zeros(1, dtype=torch.int64)
-        full = torch.cat([flag, key.reshape(3).to(torch.int64) if key is not None else torch.zeros(3, dtype=torch.int64)])
-        for name in target_names(base, config):
+        full = (torch.zeros(4, dtype=torch.int64) if key is None
+                else torch.cat([torch.ones(1, dtype=torch.int64), key.reshape(3).to(torch.int64)]))
+        for name in {k.rsplit(".", 1)[0] for k in adapters}:  # the adapted layers
             params[f"{name}.{_KEY}"] = full
     return params
 

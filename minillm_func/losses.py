@@ -130,7 +130,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         ``(logps [B], counts [B])``; counts are int64.
     """
     check_logits_labels("sequence_logps", logits, labels)
-    return token_logps(logits, labels).sum(-1), (labels != IGNORE_INDEX).sum(-1)
+    return _token_logps(logits, labels).sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -140,6 +140,10 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Gathered logit minus log-sum-exp: no ``[..., T, V]`` log-softmax is built.
     """
     check_logits_labels("token_logps", logits, labels)
+    return _token_logps(logits, labels)
+
+
+def _token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     counted = labels != IGNORE_INDEX
     x = _upcast(logits)
     target = x.gather(-1, torch.where(counted, labels, 0).unsqueeze(-1)).squeeze(-1)

@@ -43,6 +43,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import sys
@@ -113,8 +114,10 @@ def step(transform: Transform, grads: PyTree, state: PyTree, params: PyTree, *, 
     return T.select(skip, (params, state), (new_params, new_state))
 
 
+@functools.lru_cache(maxsize=1024)
 def _takes_skip(apply: Callable) -> bool:
-    """Whether a transform's ``apply`` handles ``skip`` itself (this library's do)."""
+    """Whether a transform's ``apply`` handles ``skip`` itself (this library's do); looked up once
+    per function, not at every update."""
     try:
         return "skip" in inspect.signature(apply).parameters
     except (TypeError, ValueError):

@@ -103,13 +103,6 @@ class Trainer:
             return saved
         return saved._replace(extras={**saved.extras, "lora_base": dict(base)})
 
-    def full_params(self, state: TrainState) -> dict:
-        """The model's params this state stands for: ``state.params``, or with LoRA the base with
-        the adapters merged in (for generation and export)."""
-        if self.lora is None:
-            return state.params
-        return lora.merge(state.extras["lora_base"], state.params, self.lora)
-
     def evaluate(self, state: TrainState, batches: Iterable[dict]) -> dict[str, float]:
         """Token-weighted (pair-weighted for DPO) means of the loss and metrics over ``batches``.
 
