@@ -1,6 +1,8 @@
 """Shared helpers for the benchmark scripts: round-robin timing and a ratio table."""
 from __future__ import annotations
 
+import ctypes
+import os
 import platform
 import statistics
 import time
@@ -37,3 +39,34 @@ def table(medians: dict, baseline: str, title: str) -> str:
     for name, t in medians.items():
         lines.append(f"| {name} | {t * 1e3:.2f} | {t / base:.3f} |")
     return "\n".join(lines)
+
+
+# ---- resident memory (Linux): what the CPU memory benchmarks read
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-memory high-water mark (``VmHWM``) since start or the last reset."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Return freed heap memory to the system (``malloc_trim``) and reset the high-water mark
+    (``/proc/self/clear_refs``); False where either is not available."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        peak_rss_bytes()
+        return True
+    except OSError:
+        return False

@@ -19,7 +19,6 @@ moments, frozen extras; the buffers the pure update recycles are not counted).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import sys
@@ -28,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine  # noqa: E402
+from common import machine, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 import minillm_func as mf  # noqa: E402
 from minillm_func import tree as T  # noqa: E402
@@ -38,26 +37,12 @@ FULL = dict(vocab=16384, dim=768, n_layers=12, n_heads=12, batch=4, seq=256)
 TINY = dict(vocab=512, dim=64, n_layers=2, n_heads=4, batch=4, seq=32)
 
 
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _reset() -> int:
     """Free what can be freed, reset the high-water mark; the resident bytes now."""
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss()
+    if not reset_peak_rss():
+        raise OSError("this benchmark reads /proc/self (Linux) to reset and read the peak resident memory")
+    return rss_bytes()
 
 
 def _bytes(tree) -> int:
@@ -108,7 +93,7 @@ def main():
         for _ in range(2):
             state, metrics = trainer.step(state, batch)
         seconds = (time.perf_counter() - start) / 2
-        peak = _hwm() - before + base_bytes
+        peak = peak_rss_bytes() - before + base_bytes
         held = _bytes((state.params, state.opt_state)) + _bytes(
             {k: v for k, v in state.extras.items() if k != "lora_base"})
         trainable = sum(v.numel() for v in state.params.values())

@@ -29,7 +29,6 @@ machine spreads over all of them instead of landing on one process.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -41,7 +40,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, round_robin  # noqa: E402
+from common import machine, peak_rss_bytes, reset_peak_rss, round_robin, rss_bytes  # noqa: E402
 
 import minillm_func as mf  # noqa: E402
 from minillm_func.chunked import chunked_cross_entropy  # noqa: E402
@@ -110,31 +109,6 @@ def _step_fn(sizes, spec, device):
     return run, list(params)
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM")
-
-
-def _reset_hwm() -> bool:
-    """Return freed heap memory to the system and reset the RSS high-water mark (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _hwm()
-        return True
-    except OSError:
-        return False
-
-
 def _measure_peak(run, device) -> tuple[int, tuple]:
     """Bytes the call ``run()`` adds at its peak over what is allocated before it."""
     gc.collect()
@@ -145,10 +119,10 @@ def _measure_peak(run, device) -> tuple[int, tuple]:
         out = run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base, out
-    if _reset_hwm():
-        base = _rss_now()
+    if reset_peak_rss():
+        base = rss_bytes()
         out = run()
-        return _hwm() - base, out
+        return peak_rss_bytes() - base, out
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     out = run()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base, out
@@ -165,7 +139,7 @@ def child(args) -> None:
     """Peak memory of one variant, in a process of its own; its gradients go to ``args.dump``."""
     torch.set_num_threads(args.threads)
     run, names = build(args.variant, TINY if args.tiny else FULL, args.device)
-    if args.device == "cpu" and not _reset_hwm():
+    if args.device == "cpu" and not reset_peak_rss():
         peak, grads = _measure_peak(run, args.device)  # ru_maxrss fallback: measure the very first run
     else:
         run()  # warm up: one-time allocations (thread pools, kernels) do not count
