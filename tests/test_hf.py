@@ -4,7 +4,6 @@ Every model here is built from a tiny config with random weights; nothing is dow
 """
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -221,17 +220,11 @@ def test_sft_steps_on_a_loaded_model_export_to_equal_transformers_logits(saved, 
 # --------------------------------------------------------------------------- the command line
 
 
-def test_cli_sft_from_a_folder_then_export_round_trips_through_transformers(tmp_path, monkeypatch, capsys):
-    import subprocess
-    import sys
-
+def test_cli_sft_from_a_folder_then_export_round_trips_through_transformers(tmp_path, tiny_hf_folder, monkeypatch,
+                                                                             capsys):
     from minillm_func import checkpoint, cli
 
-    root = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(tmp_path)
-    r = subprocess.run([sys.executable, str(root / "examples" / "hf_tiny_model.py"), "tiny"], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path)  # the folder is "tiny" from here
     corpus = mf.demo_corpus(2, n_sft=24, n_dpo=16)
     chats = [{"messages": [{"role": "user", "content": x["prompt"]}, {"role": "assistant", "content": x["completion"]}]}
              for x in corpus.sft]

@@ -386,19 +386,12 @@ def test_dropout_keeps_the_right_fraction_with_inverted_scaling():
 # --------------------------------------------------------------------------- the command line
 
 
-def test_cli_lora_sft_resume_eval_export_merged_and_peft(tmp_path, monkeypatch, capsys):
+def test_cli_lora_sft_resume_eval_export_merged_and_peft(tmp_path, tiny_hf_folder, monkeypatch, capsys):
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from minillm_func import checkpoint, cli
 
-    root = Path(__file__).resolve().parents[1]
-    monkeypatch.chdir(tmp_path)
-    r = subprocess.run([sys.executable, str(root / "examples" / "hf_tiny_model.py"), "tiny"], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path)  # the folder is "tiny" from here
     corpus = mf.demo_corpus(2, n_sft=24, n_dpo=16)
     (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(x) for x in corpus.sft))
     (tmp_path / "dpo.jsonl").write_text("\n".join(json.dumps(x) for x in corpus.dpo))
