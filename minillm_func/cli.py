@@ -97,7 +97,10 @@ TRAIN_SETTINGS = {
     "epsilon_high": (None, float, "GRPO: upper clipping range (default: --epsilon; DAPO uses 0.28)"),
     "importance_sampling_level": ("token", str, "GRPO: token, or sequence (GSPO)"),
     "precompute_reference": (False, bool, "DPO: compute reference log-probs once, keep no reference model"),
-    "pack": (True, bool, "pretraining: pack documents into full blocks"),
+    "pack": (None, bool, "pretraining: join documents into full blocks (default: on); sft, dpo, orpo: padding-free "
+                         "packing, several whole examples per row of --max-length tokens (2 x --max-length for "
+                         "pairs), positions restarting at each, no attention across them; --batch-size then "
+                         "counts rows (default: off)"),
     "eval_data": (None, str, "held-out file, evaluated at step 0 and every --eval-every updates"),
     "eval_every": (None, int, "evaluate every N updates (default with --eval-data: a tenth of the run)"),
     "checkpoint_every": (0, int, "checkpoint every N updates (0: only at the end)"),
@@ -123,6 +126,7 @@ TRAIN_SETTINGS = {
 STAGE_ONLY = {
     "loss_type": ("dpo", "grpo"), "loss_weights": ("dpo",), "label_smoothing": ("dpo",),
     "precompute_reference": ("dpo",), "beta": ("dpo", "orpo", "kto", "grpo"),
+    "pack": ("pretrain", "sft", "dpo", "orpo"),
     **{name: ("grpo",) for name in ("rewards", "num_generations", "max_completion_length", "temperature", "top_p",
                                      "scale_rewards", "epsilon", "epsilon_high", "importance_sampling_level")},
 }
@@ -179,8 +183,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     for name, (default, kind, text) in TRAIN_SETTINGS.items():
         shown = "" if default is None else f" (default: {default})"
+        flag = dict(nargs="?", const=True) if kind is bool else {}  # `--pack` alone means true
         t.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_bool if kind is bool else kind,
-                       default=None, help=text + shown)
+                       default=None, help=text + shown, **flag)
 
     g = sub.add_parser("generate", parents=[common], help="sample from a checkpoint or a Hugging Face folder")
     _model_source(g)
@@ -646,6 +651,13 @@ def _train(args) -> None:
         limit = _max_length_limit(s["dim"], s["n_layers"], vocab, s["batch_size"])
         why = (f"about the most one batch of {s['batch_size']} sequences fits in half of this machine's memory "
                "at this model size (lower --batch-size for longer ones)")
+    # Packed pairs: a row holds whole pairs, chosen and rejected, of up to --max-length tokens each.
+    row_length = 2 * s["max_length"] if s["pack"] and args.kind in ("dpo", "orpo") else s["max_length"]
+    if row_length > limit and row_length != s["max_length"]:
+        if "max_length" in given:
+            raise UsageError(f"--pack puts whole pairs in a row of 2 x --max-length = {row_length} tokens, more "
+                             f"than the limit {limit} ({why}); give --max-length {limit // 2} or less.")
+        s["max_length"], row_length = limit // 2, 2 * (limit // 2)
     if s["max_length"] > limit:
         raise UsageError(f"--max-length {s['max_length']} is too long: the limit is {limit} ({why}).")
 
@@ -671,7 +683,7 @@ def _train(args) -> None:
         else:
             tok = ByteTokenizer()
         model = build_model(ModelConfig(vocab_size=tok.vocab_size, dim=s["dim"], n_layers=s["n_layers"],
-                                        n_heads=s["n_heads"], max_seq_len=s["max_length"]))
+                                        n_heads=s["n_heads"], max_seq_len=row_length))
         params = model.init(s["seed"])
     else:
         params = init_state.params
@@ -747,12 +759,14 @@ def _train(args) -> None:
         eval_batches = lambda: Batches(held, s["batch_size"], shuffle=False, epochs=1,  # noqa: E731
                                        drop_last=world > 1 and 0 < len(held) % s["batch_size"] < world,
                                        rank=distributed.rank(), world_size=world)
-    trainer.fit(state, batches, s["steps"], eval_batches=eval_batches, eval_every=s["eval_every"] or 0,
-                out_dir=out, checkpoint_every=s["checkpoint_every"], keep_last=s["keep_last"],
-                max_skipped=s["max_skipped"], progress=not args.no_progress, reraise_interrupt=True,
-                meta={"tokenizer": tok.to_json(), "init": init_path, **hf_meta})
+    state = trainer.fit(state, batches, s["steps"], eval_batches=eval_batches, eval_every=s["eval_every"] or 0,
+                        out_dir=out, checkpoint_every=s["checkpoint_every"], keep_last=s["keep_last"],
+                        max_skipped=s["max_skipped"], progress=not args.no_progress, reraise_interrupt=True,
+                        meta={"tokenizer": tok.to_json(), "init": init_path, **hf_meta})
     if main:
-        print(f"{args.kind}: checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'}")
+        epoch, batch = batches.position
+        print(f"{args.kind}: {int(state.step)} updates, {epoch + batch / len(batches):.2f} epochs of the data; "
+              f"checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'}")
     distributed.shutdown()
 
 

@@ -234,6 +234,8 @@ class ProgressBar(Hook):
         record = run._record
         if record is not None:  # a logging step: the numbers are already on the host
             extra = {"mem_mb": f"{record['mem/rss']:.0f}"} if "mem/rss" in record else {}
+            if "epoch" in record:
+                extra["epoch"] = f"{record['epoch']:.2f}"
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", **extra,
                                  tok_s=f"{record.get('tokens_per_s', 0):.0f}", refresh=False)
 

@@ -4,7 +4,7 @@
 apply_hidden)``:
 
 - ``init(seed) -> params``: a flat ``dict[str, Tensor]``, deterministic for a seed;
-- ``apply(params, input_ids, attention_mask=None, *, checkpoint=False) -> logits``: a pure
+- ``apply(params, input_ids, attention_mask=None, *, checkpoint=False, position_ids=None) -> logits``: a pure
   function (``torch.func.functional_call``), so the same params always give the same logits;
   ``checkpoint=True`` recomputes each block's activations in the backward pass instead
   of keeping them (plain eager autograd only: not under ``torch.func`` transforms or
@@ -62,7 +62,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .labels import require_integer_ids
 from .tree import under_transform
 
-__all__ = ["ModelConfig", "Model", "build_model", "Transformer", "KVCache", "empty_cache", "output_weight",
+__all__ = ["ModelConfig", "Model", "build_model", "Transformer", "KVCache", "empty_cache", "output_weight", "packed_causal_mask",
            "rotary_inv_freq"]
 
 # One ``(keys, values)`` pair per layer, each ``[batch, kv_heads, cached_len, head_dim]``:
@@ -322,6 +322,25 @@ def causal_mask(past: int, T: int, attention_mask: torch.Tensor | None = None, *
     return mask | (key == query)
 
 
+def packed_causal_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The block-diagonal causal mask ``[B, 1, T, T]`` of rows that pack several sequences.
+
+    A sequence starts wherever ``position_ids`` ``[B, T]`` is 0 (positions restart at each
+    packed example, as TRL's and Hugging Face's padding-free batches have them); query ``t``
+    sees the keys ``s <= t`` of its own sequence only, so no attention crosses an example
+    boundary. Padding packed as position 0 is a sequence of one token that sees itself.
+    With an ``attention_mask`` ``[B, T]`` padded keys are hidden too (each query still sees itself).
+    """
+    segment = torch.cumsum(position_ids == 0, dim=1)                          # [B, T]: which sequence
+    T = position_ids.shape[1]
+    idx = torch.arange(T, device=position_ids.device)
+    causal = idx[None, :] <= idx[:, None]                                     # [T, T]
+    mask = causal & (segment[:, :, None] == segment[:, None, :])              # [B, T, T]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, :]
+    return (mask | torch.eye(T, dtype=torch.bool, device=position_ids.device))[:, None]  # [B, 1, T, T]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -418,22 +437,31 @@ class Transformer(nn.Module):
     # ---- training: whole sequences
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                checkpoint: bool = False) -> torch.Tensor:
+                checkpoint: bool = False, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T, padded_vocab_size]``: :meth:`hidden`, then the output projection."""
-        return self.lm_head(self.hidden(input_ids, attention_mask, checkpoint=checkpoint))
+        return self.lm_head(self.hidden(input_ids, attention_mask, checkpoint=checkpoint, position_ids=position_ids))
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-               checkpoint: bool = False) -> torch.Tensor:
+               checkpoint: bool = False, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states ``[B, T, dim]`` of ``input_ids`` ``[B, T]`` at positions ``0 .. T-1``.
 
         ``attention_mask`` ``[B, T]`` (1 = real token) hides padding from every query.
+        ``position_ids`` ``[B, T]``: rows that pack several sequences, positions restarting
+        at 0 at each one; each token is rotated by its own position and attends within its
+        own sequence only (:func:`packed_causal_mask`), so a packed sequence gets the hidden
+        states it would get alone.
         ``checkpoint=True`` runs each block under activation checkpointing
         (:func:`_checkpointed_block`) when a backward pass can follow.
         """
         cfg, T = self.cfg, input_ids.shape[1]
-        cos, sin = rotary_tables(T, cfg.head_dim, cfg.rope_theta, input_ids.device, cfg.rope_scaling)  # [T, hd/2]
-        # No padding: no mask, and attention runs with the causal flag (torch's fastest kernel).
-        mask = None if attention_mask is None else causal_mask(0, T, attention_mask, device=input_ids.device)
+        if position_ids is None:
+            cos, sin = rotary_tables(T, cfg.head_dim, cfg.rope_theta, input_ids.device, cfg.rope_scaling)  # [T, hd/2]
+            # No padding: no mask, and attention runs with the causal flag (torch's fastest kernel).
+            mask = None if attention_mask is None else causal_mask(0, T, attention_mask, device=input_ids.device)
+        else:
+            cos, sin = rotary_angles(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # [B, T, hd/2]
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, hd/2]: broadcast over the heads
+            mask = packed_causal_mask(position_ids, attention_mask)  # [B, 1, T, T]
         x = self.tok_emb(input_ids)  # [B, T, dim]
         if checkpoint and torch.is_grad_enabled():  # without a backward pass there is nothing to save
             for layer in self.layers:
@@ -533,7 +561,8 @@ class Model(NamedTuple):
     apply_hidden: Callable[..., torch.Tensor] | None = None
 
 
-def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig, attention_mask, who: str = "model.apply") -> None:
+def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig, attention_mask, who: str = "model.apply",
+               position_ids=None) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(
             f"{who} expects input_ids as a 2-D integer tensor [batch, seq_len]; "
@@ -548,6 +577,12 @@ def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig, attention_mask, who: s
         raise ValueError(
             f"{who}: attention_mask shape {tuple(attention_mask.shape)} differs from "
             f"input_ids shape {tuple(input_ids.shape)}.")
+    if position_ids is not None and (not isinstance(position_ids, torch.Tensor)
+                                     or position_ids.shape != input_ids.shape):
+        raise ValueError(
+            f"{who}: position_ids shape {tuple(getattr(position_ids, 'shape', ()))} differs from "
+            f"input_ids shape {tuple(input_ids.shape)}; give one position per token (0 where a packed "
+            "sequence starts).")
 
 
 def _check_checkpoint(params: dict, input_ids: torch.Tensor, who: str) -> None:
@@ -643,11 +678,15 @@ def build_model(cfg: ModelConfig) -> Model:
         return params
 
     def apply(params: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-              checkpoint: bool = False) -> torch.Tensor:
+              checkpoint: bool = False, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, T, padded_vocab_size]``; pure in ``params`` and the inputs.
 
         With ``attention_mask`` (1 = real token, 0 = padding), logits at real
         positions do not depend on what stands at padded positions.
+
+        ``position_ids`` ``[B, T]`` (padding-free packing): each row holds several
+        sequences, the positions restarting at 0 at each; a sequence's logits equal
+        those of the sequence run alone, and no attention crosses from one to another.
 
         ``checkpoint=True`` applies activation checkpointing to every transformer
         block (``torch.utils.checkpoint``, non-reentrant): the forward keeps only
@@ -657,24 +696,26 @@ def build_model(cfg: ModelConfig) -> Model:
         (``torch.autograd.grad`` / ``grad_path="autograd"``), not compiled; under
         ``torch.func`` transforms and ``torch.compile`` it raises.
         """
-        _check_ids(input_ids, cfg, attention_mask)
+        _check_ids(input_ids, cfg, attention_mask, position_ids=position_ids)
         if checkpoint:
             _check_checkpoint(params, input_ids, "model.apply")
-        return functional_call(module, params, (input_ids, attention_mask), {"checkpoint": checkpoint})
+        return functional_call(module, params, (input_ids, attention_mask),
+                               {"checkpoint": checkpoint, "position_ids": position_ids})
 
     def apply_hidden(params: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                     checkpoint: bool = False) -> torch.Tensor:
+                     checkpoint: bool = False, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states ``[B, T, dim]``, before the output projection.
 
         ``apply(params, ids, mask) == apply_hidden(params, ids, mask) @ output_weight(params).T``.
         Pair it with :func:`minillm_func.chunked.chunked_cross_entropy` (or
         ``chunked_sequence_logps``) so the ``[B, T, V]`` logits are never built.
-        ``checkpoint`` as in ``apply``.
+        ``checkpoint`` and ``position_ids`` as in ``apply``.
         """
-        _check_ids(input_ids, cfg, attention_mask, who="model.apply_hidden")
+        _check_ids(input_ids, cfg, attention_mask, who="model.apply_hidden", position_ids=position_ids)
         if checkpoint:
             _check_checkpoint(params, input_ids, "model.apply_hidden")
-        return _call(module.hidden, params, input_ids, attention_mask, checkpoint=checkpoint)
+        return _call(module.hidden, params, input_ids, attention_mask, checkpoint=checkpoint,
+                     position_ids=position_ids)
 
     def apply_with_cache(params: dict, input_ids: torch.Tensor, cache: KVCache | None = None,
                          start_pos: int | torch.Tensor | None = None,

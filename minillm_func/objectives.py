@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from . import amp
-from .chunked import chunked_cross_entropy, chunked_sequence_logps
+from .chunked import chunked_cross_entropy, chunked_sequence_logps, chunked_token_logps
 from .labels import IGNORE_INDEX
 from .losses import (dpo_loss, dpo_needs_reference, grpo_count, grpo_loss, kto_loss, orpo_loss, pretrain_loss,
                      sequence_logps, sft_masked_loss, token_logps)
@@ -28,6 +28,7 @@ from .model import Model, output_weight
 
 __all__ = ["Head", "logits_head", "chunked_head", "make_head", "pretrain_objective", "sft_objective",
            "dpo_objective", "orpo_objective", "kto_objective", "kto_logps", "grpo_objective", "pair_logps",
+           "packed_pair_logps", "packed_reference",
            "add_reference_logps"]
 
 
@@ -40,39 +41,58 @@ __all__ = ["Head", "logits_head", "chunked_head", "make_head", "pretrain_objecti
 class Head(NamedTuple):
     """How a stage turns ``(params, ids, labels)`` into token losses.
 
-    ``ce(params, ids, labels, loss_mask=None)`` -> the summed cross-entropy over the
-    counted labels (and, with ``loss_mask``, only where it is true); ``logps`` ->
-    per-sequence ``(summed target log-probs, counts)``. :func:`logits_head` goes
-    through the full logits; :func:`chunked_head` through the last hidden state,
-    chunk by chunk.
+    ``ce(params, ids, labels, loss_mask=None, position_ids=None)`` -> the summed
+    cross-entropy over the counted labels (and, with ``loss_mask``, only where it is
+    true); ``logps(params, ids, labels, position_ids=None)`` -> per-row ``(summed
+    target log-probs, counts)``; ``token_logps(...)`` -> the ``[B, T]`` target
+    log-probs (0 where not counted), which packed rows sum per sequence.
+    ``position_ids`` marks rows that pack several sequences (see
+    :mod:`minillm_func.data.packing`). :func:`logits_head` goes through the full
+    logits; :func:`chunked_head` through the last hidden state, chunk by chunk.
     """
 
     ce: Callable
     logps: Callable
+    token_logps: Callable | None = None
+
+
+def _positioned(apply: Callable) -> Callable:
+    """``apply(params, ids, position_ids=None)``: the keyword is passed on only for packed rows, so an
+    ``apply`` that takes none still serves unpacked batches."""
+    def run(p, ids, position_ids=None):
+        return apply(p, ids) if position_ids is None else apply(p, ids, position_ids=position_ids)
+
+    return run
 
 
 def logits_head(apply: Callable) -> Head:
-    """Token losses from ``apply(params, ids) -> logits``."""
-    def ce(p, ids, y, loss_mask=None):
-        if loss_mask is None:
-            return pretrain_loss(apply(p, ids), y, num_tokens=1)
-        return sft_masked_loss(apply(p, ids), y, loss_mask, num_tokens=1)
+    """Token losses from ``apply(params, ids) -> logits`` (``apply(..., position_ids=)`` for packed rows)."""
+    logits = _positioned(apply)
 
-    return Head(ce=ce, logps=lambda p, ids, y: sequence_logps(apply(p, ids), y))
+    def ce(p, ids, y, loss_mask=None, position_ids=None):
+        if loss_mask is None:
+            return pretrain_loss(logits(p, ids, position_ids), y, num_tokens=1)
+        return sft_masked_loss(logits(p, ids, position_ids), y, loss_mask, num_tokens=1)
+
+    return Head(ce=ce, logps=lambda p, ids, y, position_ids=None: sequence_logps(logits(p, ids, position_ids), y),
+                token_logps=lambda p, ids, y, position_ids=None: token_logps(logits(p, ids, position_ids), y))
 
 
 def chunked_head(apply_hidden: Callable, *, chunk_size: int = 1024) -> Head:
     """Token losses from the last hidden state and the output projection, ``chunk_size`` tokens at a time:
     the ``[tokens, vocab]`` float32 logits are never held at once (``MemoryConfig(chunked_loss=True)``)."""
+    hidden = _positioned(apply_hidden)
     return Head(
         # recompute=False: inside a train step the gradient is always wanted, so it is
         # built while each chunk's logits are at hand (3 matmuls, as unchunked) instead
         # of recomputing them in the backward (4); see benchmarks/RESULTS.md.
-        ce=lambda p, ids, y, loss_mask=None: chunked_cross_entropy(
-            apply_hidden(p, ids), output_weight(p), y if loss_mask is None else _masked(y, loss_mask),
+        ce=lambda p, ids, y, loss_mask=None, position_ids=None: chunked_cross_entropy(
+            hidden(p, ids, position_ids), output_weight(p), y if loss_mask is None else _masked(y, loss_mask),
             num_tokens=1, chunk_size=chunk_size, recompute=False),
-        logps=lambda p, ids, y: chunked_sequence_logps(apply_hidden(p, ids), output_weight(p), y,
-                                                       chunk_size=chunk_size))
+        logps=lambda p, ids, y, position_ids=None: chunked_sequence_logps(
+            hidden(p, ids, position_ids), output_weight(p), y, chunk_size=chunk_size),
+        token_logps=lambda p, ids, y, position_ids=None: chunked_token_logps(
+            hidden(p, ids, position_ids), output_weight(p), y, chunk_size=chunk_size))
 
 
 def _as_head(head_or_apply) -> Head:
@@ -85,7 +105,8 @@ def pretrain_objective(head: Head | Callable) -> Callable:
 
     def loss_fn(params, batch, extras):
         labels = batch["labels"]
-        return head.ce(params, batch["input_ids"], labels), ((labels != IGNORE_INDEX).sum(), {})
+        return (head.ce(params, batch["input_ids"], labels, position_ids=batch.get("position_ids")),
+                ((labels != IGNORE_INDEX).sum(), {}))
 
     return loss_fn
 
@@ -99,7 +120,7 @@ def sft_objective(head: Head | Callable) -> Callable:
         labels = batch["labels"]
         mask = batch.get("loss_mask")
         mask = (labels != IGNORE_INDEX) if mask is None else (mask.bool() & (labels != IGNORE_INDEX))
-        return head.ce(params, batch["input_ids"], labels, mask), (mask.sum(), {})
+        return head.ce(params, batch["input_ids"], labels, mask, position_ids=batch.get("position_ids")), (mask.sum(), {})
 
     return loss_fn
 
@@ -110,12 +131,59 @@ def _masked(labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
 
 
 def pair_logps(head: Head | Callable, params, batch):
-    """Summed log-probs and counts of chosen and rejected replies, in one ``[2B, T]`` forward."""
+    """Summed log-probs and counts of chosen and rejected replies, in one ``[2B, T]`` forward
+    (or one forward over packed rows: :func:`packed_pair_logps`)."""
+    if "sequence_ids" in batch:
+        return packed_pair_logps(head, params, batch)
     B = batch["chosen_input_ids"].shape[0]
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     logps, counts = _as_head(head).logps(params, ids, labels)
     return logps[:B], logps[B:], counts[:B], counts[B:]
+
+
+def packed_pair_logps(head: Head | Callable, params, batch):
+    """:func:`pair_logps` of packed rows (``input_ids``, ``labels``, ``position_ids``, ``sequence_ids``).
+
+    Each token's target log-prob is added into its sequence's slot (``sequence_ids``:
+    chosen of a row's pair ``k`` is ``2k``, rejected ``2k + 1``, padding ``-1``); pairs
+    come out row by row, ``k`` ascending. The pairs present are those whose chosen
+    slot holds a token. Precomputed ``ref_chosen_logps`` / ``ref_rejected_logps``
+    (``[rows, pairs]``) are read with the same selection by :func:`packed_reference`.
+    """
+    head = _as_head(head)
+    ids, labels, seq = batch["input_ids"], batch["labels"], batch["sequence_ids"]
+    R, T = ids.shape
+    W = T + T % 2  # sequence slots per row (a sequence holds >= 1 token): an even number, pairs side by side
+    slot = seq.clamp(min=0)  # padding adds a 0 log-prob and a 0 count into slot 0, which it cannot change
+    tok = head.token_logps(params, ids, labels, position_ids=batch["position_ids"])  # [R, T], 0 where not counted
+    sums = tok.new_zeros(R, W).scatter_add(1, slot, tok).view(R, W // 2, 2)
+    counts = torch.zeros(R, W, dtype=torch.long, device=ids.device).scatter_add(
+        1, slot, (labels != IGNORE_INDEX).long()).view(R, W // 2, 2)
+    present = _present_pairs(seq, W)
+    return sums[..., 0][present], sums[..., 1][present], counts[..., 0][present], counts[..., 1][present]
+
+
+def _present_pairs(seq: torch.Tensor, W: int) -> torch.Tensor:
+    """``[R, W/2]`` bool: which pair slots of each packed row hold a pair (its chosen sequence has a token)."""
+    R = seq.shape[0]
+    tokens = torch.zeros(R, W, dtype=torch.long, device=seq.device).scatter_add(1, seq.clamp(min=0),
+                                                                                (seq >= 0).long())
+    return tokens.view(R, W // 2, 2)[..., 0] > 0
+
+
+def packed_reference(batch):
+    """The precomputed ``(ref_chosen_logps, ref_rejected_logps)`` of a packed batch, pairs in
+    :func:`packed_pair_logps`'s order."""
+    T = batch["input_ids"].shape[1]
+    present = _present_pairs(batch["sequence_ids"], T + T % 2)
+    K = present.shape[1]
+    return tuple(_widen(batch[k], K)[present] for k in ("ref_chosen_logps", "ref_rejected_logps"))
+
+
+def _widen(x: torch.Tensor, K: int) -> torch.Tensor:
+    """``x`` ``[R, k]`` cut or zero-padded to ``[R, K]`` columns."""
+    return x[:, :K] if x.shape[1] >= K else torch.nn.functional.pad(x, (0, K - x.shape[1]))
 
 
 def dpo_objective(head: Head | Callable, *, beta: float = 0.1, loss_type: str | Sequence[str] = "sigmoid",
@@ -140,7 +208,8 @@ def dpo_objective(head: Head | Callable, *, beta: float = 0.1, loss_type: str | 
     def loss_fn(params, batch, extras):
         pc, pr, nc, nr = pair_logps(head, params, batch)
         if "ref_chosen_logps" in batch:
-            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            rc, rr = (packed_reference(batch) if "sequence_ids" in batch
+                      else (batch["ref_chosen_logps"], batch["ref_rejected_logps"]))
         elif not reference:
             rc = rr = None
         else:
@@ -277,8 +346,11 @@ def add_reference_logps(model: Model, ref_params: dict, dataset, *, batch_size: 
     the policy in memory (``create_trainer("dpo", ..., precomputed_reference=True)``).
     The result is a copy of ``dataset`` holding the extended items; batch it with ``Batches``.
     """
-    from .data import collate
+    from .data import PackedDataset, collate
 
+    if isinstance(dataset, PackedDataset):  # the pairs' values, then the same rows again
+        return PackedDataset(add_reference_logps(model, ref_params, dataset.source, batch_size=batch_size),
+                             dataset.capacity)
     pad_id = dataset.tokenizer.pad_id
     out = []
     with torch.no_grad():
@@ -295,7 +367,7 @@ def make_head(model: Model, policy: amp.Policy, memory: MemoryConfig) -> Head:
     """The stage losses' way to the tokens, as the memory config and precision policy ask."""
     checkpoint = memory.activation_checkpointing
     if memory.chunked_loss:
-        hidden = lambda p, ids: model.apply_hidden(p, ids, checkpoint=checkpoint)  # noqa: E731
+        hidden = lambda p, ids, **kw: model.apply_hidden(p, ids, checkpoint=checkpoint, **kw)  # noqa: E731
         return chunked_head(policy.wrap(hidden) if policy.mixed else hidden)
-    apply = (lambda p, ids: model.apply(p, ids, checkpoint=True)) if checkpoint else model.apply
+    apply = (lambda p, ids, **kw: model.apply(p, ids, checkpoint=True, **kw)) if checkpoint else model.apply
     return logits_head(policy.wrap(apply) if policy.mixed else apply)

@@ -131,12 +131,13 @@ class Trainer:
             out["perplexity"] = math.exp(min(out["loss"], 700.0))
         return out
 
-    def fit(self, state: TrainState, batches: Iterable[dict], num_steps: int, *,
+    def fit(self, state: TrainState, batches: Iterable[dict], num_steps: int | None = None, *,
             eval_batches: Callable[[], Iterable[dict]] | None = None, eval_every: int = 0,
             eval_at_start: bool = True, out_dir=None, checkpoint_every: int = 0, keep_last: int | None = 3,
             log_every: int = 1, max_skipped: int = 100, progress: bool = True, desc: str | None = None,
             meta: dict | None = None, reraise_interrupt: bool = False, hooks: Sequence[Hook] = ()) -> TrainState:
-        """Train until ``state.step == num_steps`` optimizer updates; the impure shell around the pure step.
+        """Train until ``state.step == num_steps`` optimizer updates (``None``: until ``batches`` runs out,
+        e.g. one pass over a list of batches); the impure shell around the pure step.
 
         Each update takes ``accumulation_steps`` micro-batches from ``batches`` and
         runs :attr:`window_step` once (one optimizer update per window). Around it
@@ -174,10 +175,13 @@ class Trainer:
         record), for pretraining and SFT ``loss_tokens`` (the update's counted
         targets over all micro-batches and processes: the loss's normaliser), for
         DPO ``pairs`` and ``pairs_per_s``, plus ``grad_norm``, ``lr``, ``scale`` and
-        the loss's own metrics.
+        the loss's own metrics; and ``epoch`` (epochs done, fractional) when ``batches``
+        has a ``position`` and a length per epoch (``Batches``). The progress bar counts
+        updates out of ``num_steps``, or out of what the data holds when ``num_steps`` is
+        ``None`` and ``batches`` has a length (without one, it counts without a total).
         """
-        if not isinstance(num_steps, int) or num_steps < 0:
-            raise ValueError(f"fit: num_steps must be a non-negative int, got {num_steps!r}.")
+        if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 0):
+            raise ValueError(f"fit: num_steps must be a non-negative int or None, got {num_steps!r}.")
         if not isinstance(max_skipped, int) or max_skipped < 1:
             raise ValueError(f"fit: max_skipped must be a positive int, got {max_skipped!r}.")
         main = distributed.is_main()
@@ -193,7 +197,9 @@ class Trainer:
         if eval_every and eval_batches is not None:
             shell.append(Evaluate(eval_batches, eval_every, log, at_start=eval_at_start))
         shell.append(Checkpoint(out, checkpoint_every, keep_last=keep_last, meta=meta))
-        shell.append(ProgressBar(num_steps, enabled=progress and main, desc=desc or self.kind))
+        shell.append(ProgressBar(num_steps if num_steps is not None else _updates_in(batches, run.step,
+                                                                                self.accumulation_steps),
+                                 enabled=progress and main, desc=desc or self.kind))
         all_hooks = [*shell, *hooks]
         count_name = {"dpo": "pairs", "orpo": "pairs", "kto": "examples", "grpo": "loss_items"}.get(self.kind,
                                                                                                  "loss_tokens")
@@ -202,10 +208,14 @@ class Trainer:
         try:
             for hook in all_hooks:
                 hook.on_start(run)
-            while run.step < num_steps:
+            while num_steps is None or run.step < num_steps:
                 window = list(_take(batch_iter, self.accumulation_steps))
                 if len(window) < self.accumulation_steps:
-                    run.say(f"{self.kind}: the data ran out after {run.step} of {num_steps} updates.")
+                    if num_steps is not None:
+                        run.say(f"{self.kind}: the data ran out after {run.step} of {num_steps} updates.")
+                    elif window:
+                        run.say(f"{self.kind}: {len(window)} batch(es) left at the end, fewer than the "
+                                f"{self.accumulation_steps} of an update; not used.")
                     break
                 if self.prepare is not None:  # e.g. GRPO: sample completions with the current policy
                     window = [self.prepare(run.state, b, i) for i, b in enumerate(window)]
@@ -221,6 +231,9 @@ class Trainer:
                 skipped, last_loss = 0, (metrics["loss"], run.step + 1)
                 metrics = {(count_name if k == "tokens" else k): v for k, v in metrics.items()}
                 metrics.pop("updated"), metrics.pop("skipped")
+                epoch = _epochs_done(batches)
+                if epoch is not None:
+                    metrics["epoch"] = epoch
                 run.advance(new_state, metrics, _position(batches), sum(_input_tokens(b) for b in window))
                 for hook in all_hooks:
                     if hook.every and run.step % hook.every == 0:
@@ -268,6 +281,31 @@ def _diverged_message(kind: str, skipped: int, last_loss, done: int, config: dic
             f"stopped, and nothing non-finite was saved. Likely causes: a learning rate too high "
             f"(it is {config.get('learning_rate')}), or float16 overflow (precision {config.get('precision')}): "
             "lower the learning rate, or train in bf16/fp32.")
+
+
+def _epochs_done(batches) -> float | None:
+    """Epochs ``batches`` has yielded, fractional (``Batches``: from its position and batches per epoch)."""
+    position = _position(batches)
+    try:
+        per_epoch = len(batches)
+    except TypeError:
+        return None
+    if position is None or len(position) != 2 or not per_epoch:
+        return None
+    return position[0] + position[1] / per_epoch
+
+
+def _updates_in(batches, done: int, k: int) -> int | None:
+    """The update count at which ``batches`` runs out, when it says how long it is; else None."""
+    try:
+        per_epoch = len(batches)
+    except TypeError:
+        return None
+    epochs, position = getattr(batches, "epochs", 1), _position(batches)
+    if epochs is None:  # endless
+        return None
+    left = epochs * per_epoch - (position[0] * per_epoch + position[1] if position and len(position) == 2 else 0)
+    return done + max(0, left) // k
 
 
 def _position(batches):

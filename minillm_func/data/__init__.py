@@ -5,10 +5,11 @@ from .datasets import (ROLES, ConversationDataset, LanguageModelingDataset, Pref
 from .demo_tasks import DemoCorpus, demo_corpus
 from .formats import detect_kind, load_dataset, read_records, records_from_hf
 from .loader import Batches, collate
+from .packing import PackedDataset, best_fit_decreasing
 from .tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
-    "BPETokenizer", "Batches", "ByteTokenizer", "ConversationDataset", "DemoCorpus", "HFTokenizer",
+    "BPETokenizer", "Batches", "PackedDataset", "best_fit_decreasing", "ByteTokenizer", "ConversationDataset", "DemoCorpus", "HFTokenizer",
     "LanguageModelingDataset", "PreferenceDataset", "PromptDataset", "UnpairedPreferenceDataset", "ROLES", "chat_prompt", "collate", "demo_corpus", "detect_kind",
     "load_dataset", "load_tokenizer", "read_records", "records_from_hf", "render_chat", "render_messages",
     "start_ids", "tokenize_chat", "validate_record",

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..stages import KINDS
 from .datasets import (RECORD_FIELDS, ConversationDataset, LanguageModelingDataset, PreferenceDataset,
                        PromptDataset, UnpairedPreferenceDataset, validate_record)
+from .packing import PackedDataset
 
 __all__ = ["read_records", "detect_kind", "load_dataset", "records_from_hf", "KINDS"]
 
@@ -132,8 +133,11 @@ def load_dataset(source, tokenizer, max_length: int, *, kind: str | None = None,
     """A dataset from a file path, a dataset folder, a ``datasets.Dataset`` or a list of records.
 
     ``kind`` ("pretrain", "sft", "dpo", "orpo" (DPO's pairs), "kto" or "grpo") is what the caller will train; the
-    records' own kind must match it. ``pack`` applies to pretraining (default:
-    packed for files, whose documents are rarely of one length).
+    records' own kind must match it. ``pack``: for pretraining, documents joined into
+    full blocks (the default); for SFT and preference pairs, padding-free packing
+    (default off): a :class:`~minillm_func.data.packing.PackedDataset` whose rows hold
+    several whole examples, ``max_length`` tokens per SFT row and ``2 * max_length`` per
+    row of pairs (``max_length`` stays the limit of each sequence).
     """
     if kind is not None and kind not in KINDS:
         raise ValueError(f"load_dataset: kind must be one of {KINDS}, got {kind!r}.")
@@ -163,10 +167,15 @@ def load_dataset(source, tokenizer, max_length: int, *, kind: str | None = None,
     if kind == "pretrain":
         texts = [r if isinstance(r, str) else r.get("text") for r in records]
         return LanguageModelingDataset(texts, tokenizer, max_length, pack=True if pack is None else pack)
+    if pack and kind not in ("sft", "dpo"):
+        raise ValueError(f"load_dataset: pack=True packs pretraining, SFT and preference-pair data; {kind} records "
+                         "are not packed: drop pack.")
     if kind == "sft":
-        return ConversationDataset(records, tokenizer, max_length)
+        data = ConversationDataset(records, tokenizer, max_length)
+        return PackedDataset(data) if pack else data
     if kind == "grpo":
         return PromptDataset(records, tokenizer, max_length)
     if kind == "kto":
         return UnpairedPreferenceDataset(records, tokenizer, max_length)
-    return PreferenceDataset(records, tokenizer, max_length)
+    data = PreferenceDataset(records, tokenizer, max_length)
+    return PackedDataset(data) if pack else data

@@ -16,7 +16,11 @@ def _pad_value(key: str, pad_id: int) -> int:
         return pad_id
     if key.endswith("labels"):
         return IGNORE_INDEX
-    if key.endswith("attention_mask"):
+    if key.endswith(("attention_mask", "loss_mask")) or key == "position_ids":  # position 0: a sequence of its own
+        return 0
+    if key == "sequence_ids":  # packed rows: padding belongs to no sequence
+        return -1
+    if key.endswith("_logps"):  # packed rows: per-pair reference log-probs, padding read by no pair
         return 0
     raise ValueError(f"collate: do not know how to pad sequence field {key!r}.")
 
