@@ -176,3 +176,26 @@ def test_a_second_ctrl_c_during_the_final_save_waits_for_the_checkpoint(tmp_path
         trainer.fit(trainer.init(model.init(0)), interrupted_at(3), 100, out_dir=tmp_path, progress=False)
     saved, meta = checkpoint.load(checkpoint.resolve(tmp_path))
     assert meta["step"] == 3 and int(saved.step) == 3
+
+
+def test_fit_without_a_step_count_runs_once_through_any_iterable_with_a_progress_total(tmp_path, capsys):
+    model = mf.build_model(CFG)
+    trainer = mf.create_trainer("pretrain", model, learning_rate=1e-3, accumulation_steps=2)
+    batches = list(mf.Batches(data(), 4, seed=0, epochs=1))
+    state = trainer.fit(trainer.init(model.init(0)), batches, out_dir=tmp_path, progress=True)
+    assert int(state.step) == len(batches) // 2
+    bar = capsys.readouterr().err
+    assert f"{len(batches) // 2}/{len(batches) // 2}" in bar  # the bar knew its total from len()
+    gen = (b for b in batches[:4])  # no len(): counts without a total
+    assert int(trainer.fit(trainer.init(model.init(0)), gen, progress=False).step) == 2
+
+
+def test_fit_logs_epochs_done_from_the_batch_position(tmp_path):
+    model = mf.build_model(CFG)
+    trainer = mf.create_trainer("pretrain", model, learning_rate=1e-3)
+    batches = mf.Batches(data(), 4, seed=0)
+    trainer.fit(trainer.init(model.init(0)), batches, len(batches) + 2, out_dir=tmp_path, progress=False)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r["epoch"] for r in records if r["split"] == "train"]
+    assert epochs[len(batches) - 1] == pytest.approx(1.0)
+    assert epochs[-1] == pytest.approx(1 + 2 / len(batches))
