@@ -208,8 +208,9 @@ def dpo_objective(head: Head | Callable, *, beta: float = 0.1, loss_type: str | 
     def loss_fn(params, batch, extras):
         pc, pr, nc, nr = pair_logps(head, params, batch)
         if "ref_chosen_logps" in batch:
-            rc, rr = (packed_reference(batch) if "sequence_ids" in batch
-                      else (batch["ref_chosen_logps"], batch["ref_rejected_logps"]))
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            if rc.dim() == 2:  # packed rows' precomputed values, [rows, pairs]: into pair order
+                rc, rr = packed_reference(batch)
         elif not reference:
             rc = rr = None
         else:
