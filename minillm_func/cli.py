@@ -5,6 +5,11 @@
     minillm-func generate (--ckpt RUN | --model HF_DIR) --prompt TEXT [--chat] [--max-new-tokens N] ...
     minillm-func eval (--ckpt RUN | --model HF_DIR) --data FILE [--kind pretrain|sft|dpo]
     minillm-func export --ckpt RUN --out HF_DIR [--peft]       # a Hugging Face folder transformers loads
+    minillm-func prepare --data FILES_OR_FOLDERS... --tokenizer byte|bpe:VOCAB|PATH --out TOKENS_DIR
+
+``prepare`` tokenises a corpus once into token shards (see :mod:`minillm_func.data.shards`);
+``train pretrain --data TOKENS_DIR`` then trains on it without loading it, with the
+tokenizer the shards were made with. An interrupted ``prepare`` continues when run again.
 
 ``train grpo --data prompts.jsonl --rewards exact_match`` trains on ``{"prompt", "answer"}``
 records by sampling ``--num-generations`` completions per prompt and rewarding them.
@@ -173,7 +178,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", parents=[common], help="train one stage on your own file")
     t.add_argument("kind", choices=KINDS)
-    t.add_argument("--data", help="JSON Lines or .txt file (with --resume: default, the run's own)")
+    t.add_argument("--data", help="JSON Lines or .txt file, or a token folder made by `prepare` (pretraining) "
+                                  "(with --resume: default, the run's own)")
     t.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, config.json")
     t.add_argument("--init", help="start from this run folder's newest checkpoint (or a checkpoint folder)")
     t.add_argument("--model", help="start from a Hugging Face model folder (config.json, safetensors weights, "
@@ -217,6 +223,22 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--peft", action="store_true",
                    help="a LoRA run: write the adapters alone as a PEFT folder (adapter_config.json, "
                         "adapter_model.safetensors)")
+
+    r = sub.add_parser("prepare", parents=[common],
+                       help="tokenise a corpus once into token shards (train pretrain --data TOKENS_DIR reads them)")
+    r.add_argument("--data", nargs="+", required=True,
+                   help="files or folders (read recursively): .txt, .jsonl (also .gz), .parquet, .arrow, "
+                        "datasets.save_to_disk folders")
+    r.add_argument("--tokenizer", default="byte",
+                   help="byte, bpe:VOCAB (trained on the first --bpe-sample-mb of the data), PATH/tokenizer.json "
+                        "or a Hugging Face folder's tokenizer (default: byte)")
+    r.add_argument("--out", required=True, help="the token folder to write (index.json, shard-*.bin)")
+    r.add_argument("--shard-tokens", type=int, default=None,
+                   help="tokens per shard, about (default: 67108864, 128 MB of uint16)")
+    r.add_argument("--text-field", default="text", help="the field (JSON Lines) or column holding the text")
+    r.add_argument("--bpe-sample-mb", type=float, default=None,
+                   help="with --tokenizer bpe:VOCAB: MB of text the BPE is trained on (default: 100)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -410,25 +432,13 @@ def _max_length_limit(dim: int, n_layers: int, vocab: int, batch_size: int) -> i
 
 
 def _tokenizer_spec(spec: str):
-    """``byte`` | ``bpe:VOCAB`` | a tokenizer.json path -> ("byte", None) | ("bpe", vocab) | ("file", Path)."""
-    if spec == "byte":
-        return "byte", None
-    if spec.startswith("bpe:"):
-        try:
-            vocab = int(spec[4:])
-        except ValueError:
-            raise UsageError(f"--tokenizer {spec}: the BPE vocabulary size must be a whole number, "
-                             "e.g. --tokenizer bpe:4096.") from None
-        if vocab < 259:
-            raise UsageError(f"--tokenizer {spec}: the vocabulary needs at least 259 entries (bytes + specials).")
-        return "bpe", vocab
-    path = Path(spec)
-    if path.is_dir():
-        return "folder", path
-    if not path.is_file():
-        raise UsageError(f"--tokenizer {spec}: no such file; use byte, bpe:VOCAB, a path to a tokenizer.json, or "
-                         "a Hugging Face folder holding tokenizer.json and tokenizer_config.json.")
-    return "file", path
+    """``byte`` | ``bpe:VOCAB`` | a folder | a tokenizer.json path -> (kind, argument), or a usage error."""
+    from .data import parse_tokenizer_spec
+
+    try:
+        return parse_tokenizer_spec(spec)
+    except ValueError as e:
+        raise UsageError(f"--tokenizer {e}") from None
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -590,7 +600,7 @@ def _train(args) -> None:
     import torch
 
     from . import checkpoint, distributed, schedules
-    from .data import Batches, BPETokenizer, ByteTokenizer, load_dataset, read_records
+    from .data import Batches, BPETokenizer, ByteTokenizer, is_token_folder, read_records
     from .model import ModelConfig, build_model
     from .objectives import add_reference_logps
     from .trainers import create_trainer
@@ -644,10 +654,15 @@ def _train(args) -> None:
     # A resumed run's tokenizer (trained BPE included) comes from its checkpoint: never rebuilt.
     kind_tok, tok_arg = (("checkpoint", None) if init_meta is not None or args.resume
                          else _tokenizer_spec(s["tokenizer"]))
+    if is_token_folder(data_path):  # token shards: trained with the tokenizer they were made with
+        kind_tok, tok_arg = _token_folder_tokenizer(data_path, args.kind, given, kind_tok, tok_arg)
+        if kind_tok == "tokens":
+            s["tokenizer"] = "data"  # what config.json records: the tokenizer came with --data
     if init_meta is not None:
         limit, why = model.config.max_seq_len, f"the {what} model's max_seq_len"
     else:
-        vocab = tok_arg if kind_tok == "bpe" else 512  # a tokenizer file's size is not known yet: a typical one
+        # a tokenizer file's size is not known yet: a typical one
+        vocab = tok_arg if kind_tok == "bpe" else tok_arg.vocab_size if kind_tok == "tokens" else 512
         limit = _max_length_limit(s["dim"], s["n_layers"], vocab, s["batch_size"])
         why = (f"about the most one batch of {s['batch_size']} sequences fits in half of this machine's memory "
                "at this model size (lower --batch-size for longer ones)")
@@ -672,6 +687,8 @@ def _train(args) -> None:
         if resume_meta is not None and "tokenizer" in resume_meta:
             from .data import load_tokenizer
             tok = load_tokenizer(resume_meta["tokenizer"])
+        elif kind_tok == "tokens":
+            tok = tok_arg
         elif kind_tok == "bpe":
             _, records = read_records(data_path)
             tok = BPETokenizer.train(_texts_of(records), vocab_size=tok_arg)
@@ -691,7 +708,7 @@ def _train(args) -> None:
 
     # GRPO's records are prompts: each keeps room for its completion within --max-length.
     item_length = s["max_length"] - s["max_completion_length"] if args.kind == "grpo" else s["max_length"]
-    data = load_dataset(data_path, tok, item_length, kind=args.kind, pack=s["pack"])
+    data = _load_data(data_path, tok, item_length, args.kind, s["pack"])
     if args.kind == "grpo":
         _check_reward_columns(data, s, data_path)
     batches_per_epoch = math.ceil(len(data) / s["batch_size"])
@@ -753,7 +770,7 @@ def _train(args) -> None:
                       rank=distributed.rank(), world_size=world)
     eval_batches = None
     if s["eval_data"]:
-        held = load_dataset(s["eval_data"], tok, item_length, kind=args.kind, pack=s["pack"])
+        held = _load_data(s["eval_data"], tok, item_length, args.kind, s["pack"])
         if precompute:
             held = add_reference_logps(model, params, held)
         eval_batches = lambda: Batches(held, s["batch_size"], shuffle=False, epochs=1,  # noqa: E731
@@ -768,6 +785,48 @@ def _train(args) -> None:
         print(f"{args.kind}: {int(state.step)} updates, {epoch + batch / len(batches):.2f} epochs of the data; "
               f"checkpoints in {out / 'checkpoints'}, metrics in {out / 'metrics.jsonl'}")
     distributed.shutdown()
+
+
+def _token_folder_tokenizer(data_path, kind: str, given: dict, kind_tok: str, tok_arg):
+    """``(kind_tok, tok_arg)`` for a token folder as ``--data``: ("tokens", the tokenizer it was made with).
+
+    A ``--tokenizer`` given as well must be that same tokenizer. A run that starts
+    from a model (or resumes) keeps the model's; the shards are checked against it
+    when they are opened.
+    """
+    from .data import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer, read_index
+    from .data.datasets import RECORD_FIELDS
+
+    if kind != "pretrain":
+        records = RECORD_FIELDS["dpo" if kind == "orpo" else kind]
+        raise UsageError(f"--data {data_path} is a token folder (made by `prepare`), which is for pretraining; "
+                         f"{kind} training reads a JSON Lines file of {records}.")
+    if given.get("pack") is False:
+        raise UsageError(f"--pack false: a token folder ({data_path}) is one packed stream; drop --pack.")
+    if kind_tok == "checkpoint":
+        return kind_tok, tok_arg
+    made = load_tokenizer(read_index(data_path)["tokenizer"])
+    if given.get("tokenizer") is not None:
+        same = kind_tok != "bpe"  # a BPE to train now cannot be the one the shards were made with
+        if same:
+            other = (ByteTokenizer() if kind_tok == "byte" else BPETokenizer.load(tok_arg) if kind_tok == "file"
+                     else HFTokenizer.from_folder(tok_arg))
+            same = json.dumps(other.to_json(), sort_keys=True) == json.dumps(made.to_json(), sort_keys=True)
+        if not same:
+            raise UsageError(f"--tokenizer {given['tokenizer']} conflicts with --data {data_path}, whose tokens were "
+                             f"made by {made!r}; the tokenizer comes with the token folder: drop --tokenizer.")
+    return "tokens", made
+
+
+def _load_data(path, tok, length: int, kind: str, pack):
+    """``load_dataset``, or :class:`~minillm_func.data.TokenShards` over a token folder (checksums verified)."""
+    from .data import TokenShards, is_token_folder, load_dataset
+
+    if is_token_folder(path):
+        if kind != "pretrain":
+            raise UsageError(f"{path} is a token folder (made by `prepare`), which is for pretraining, not {kind}.")
+        return TokenShards(path, length, tokenizer=tok)
+    return load_dataset(path, tok, length, kind=kind, pack=pack)
 
 
 def _check_reward_columns(data, s: dict, where) -> None:
@@ -901,7 +960,7 @@ def _generate(args) -> None:
 
 
 def _eval(args) -> None:
-    from .data import Batches, load_dataset, read_records
+    from .data import Batches, is_token_folder, read_records
     from .trainers import create_trainer
 
     if args.batch_size < 1:
@@ -910,7 +969,7 @@ def _eval(args) -> None:
     trained_as = meta.get("kind")
     kind = args.kind or trained_as
     if kind is None:  # a Hugging Face folder: score the data as the stage its records are for
-        kind = read_records(args.data)[0]
+        kind = "pretrain" if is_token_folder(args.data) else read_records(args.data)[0]
     settings = {}
     if kind == trained_as and kind in ("orpo", "kto"):  # score with the run's own hyper-parameters
         tc = meta.get("trainer_config", {})
@@ -929,7 +988,7 @@ def _eval(args) -> None:
                                        "importance_sampling_level", "sampling_seed") if tc.get(k) is not None}
         settings.update(tokenizer=tok, reward_fns=[reward_by_name(r) for r in tc.get("rewards", ["exact_match"])])
         length -= settings.get("max_completion_length", 32)
-    data = load_dataset(args.data, tok, length, kind=kind)
+    data = _load_data(args.data, tok, length, kind, None)
     trainer = create_trainer(kind, model, **settings)
     if kind in ("dpo", "kto"):
         ref = _reference_params(args, meta, state, trained_as, label)
@@ -995,6 +1054,37 @@ def _export_peft(args) -> None:
     print(f"export: {folder} (update {meta.get('step')}) -> {out} (PEFT LoRA adapter, rank {cfg.rank})")
 
 
+# --------------------------------------------------------------------------- prepare
+
+
+def _prepare(args) -> None:
+    """``prepare``: the flags checked in one line each before any data is read, then ``mf.data.prepare``."""
+    from .data import prepare, read_index
+
+    if args.shard_tokens is not None and args.shard_tokens < 1:
+        raise UsageError(f"--shard-tokens must be a whole number >= 1, got {args.shard_tokens}.")
+    kind, _ = _tokenizer_spec(args.tokenizer)
+    options = {}
+    if args.bpe_sample_mb is not None:
+        if kind != "bpe":
+            raise UsageError("--bpe-sample-mb sizes the sample a BPE is trained on; it needs --tokenizer bpe:VOCAB.")
+        if not (math.isfinite(args.bpe_sample_mb) and args.bpe_sample_mb > 0):
+            raise UsageError(f"--bpe-sample-mb must be a positive number, got {args.bpe_sample_mb}.")
+        options["bpe_sample_bytes"] = max(1, int(args.bpe_sample_mb * 2**20))
+    if args.shard_tokens is not None:
+        options["shard_tokens"] = args.shard_tokens
+    for path in args.data:
+        if not Path(path).exists():
+            raise UsageError(f"--data {path}: no such file or folder.")
+    out = prepare(args.data, args.tokenizer, args.out, text_field=args.text_field, progress=not args.no_progress,
+                  **options)
+    index = read_index(out)
+    empty = f", {index['skipped_empty']:,} empty record(s) skipped" if index["skipped_empty"] else ""
+    print(f"prepare: {index['num_documents']:,} documents, {index['num_tokens']:,} tokens ({index['dtype']}) in "
+          f"{len(index['shards'])} shard(s){empty} -> {out}; train on it with "
+          f"`{PROG} train pretrain --data {out} --out RUN`")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1028,6 +1118,8 @@ def _run(args) -> None:
         _generate(args)
     elif args.command == "export":
         _export(args)
+    elif args.command == "prepare":
+        _prepare(args)
     else:
         _eval(args)
 
@@ -1040,7 +1132,9 @@ def main(argv=None) -> int:
         _run(args)
     except KeyboardInterrupt:
         resume = (f"; continue with `{PROG} train {args.kind} --out {args.out} --resume`"
-                  if args.command == "train" else "")
+                  if args.command == "train" else
+                  "; run the same command again to continue after the last complete shard"
+                  if args.command == "prepare" else "")
         print(f"{PROG}: interrupted{resume}.", file=sys.stderr)
         return 130
     except Exception as e:

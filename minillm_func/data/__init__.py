@@ -6,11 +6,13 @@ from .demo_tasks import DemoCorpus, demo_corpus
 from .formats import detect_kind, load_dataset, read_records, records_from_hf
 from .loader import Batches, collate
 from .packing import PackedDataset, best_fit_decreasing
-from .tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
+from .shards import TokenShards, is_token_folder, prepare, read_index
+from .tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer, parse_tokenizer_spec
 
 __all__ = [
     "BPETokenizer", "Batches", "PackedDataset", "best_fit_decreasing", "ByteTokenizer", "ConversationDataset", "DemoCorpus", "HFTokenizer",
     "LanguageModelingDataset", "PreferenceDataset", "PromptDataset", "UnpairedPreferenceDataset", "ROLES", "chat_prompt", "collate", "demo_corpus", "detect_kind",
     "load_dataset", "load_tokenizer", "read_records", "records_from_hf", "render_chat", "render_messages",
     "start_ids", "tokenize_chat", "validate_record",
+    "TokenShards", "is_token_folder", "parse_tokenizer_spec", "prepare", "read_index",
 ]

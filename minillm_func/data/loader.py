@@ -77,6 +77,17 @@ class Batches:
 
     Iterating runs through ``epochs`` epochs (forever when ``None``).
 
+    Memory: an epoch's order is kept as one int64 tensor (8 bytes per item) and
+    each batch's indices are sliced out of it when the batch is due, so a dataset
+    of millions of items (the blocks of :class:`~minillm_func.data.TokenShards`)
+    costs tens of megabytes here, not the gigabytes of Python lists of ints.
+    :meth:`epoch_order` still returns the batches as lists, for inspection.
+
+    A dataset whose items depend on the epoch (``TokenShards(mode="windows")``
+    draws new random windows every epoch) has a method ``for_epoch(epoch)`` that
+    returns the dataset as seen in that epoch; the batches of epoch ``e`` read
+    ``dataset.for_epoch(e)``.
+
     Data parallelism: with ``world_size > 1``, ``batch_size`` is the *global*
     batch. Every rank computes the same order and ``position``, and yields only
     its contiguous slice of each global batch (rank ``r`` of ``N`` takes
@@ -123,22 +134,35 @@ class Batches:
     def _generator(self, epoch: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
 
-    def epoch_order(self, epoch: int) -> list[list[int]]:
-        """The index batches of ``epoch``, in order."""
+    def epoch_indices(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order, batch_ids)`` of ``epoch``: batch ``k`` is ``order[j * B:(j + 1) * B]`` for ``j = batch_ids[k]``.
+
+        Both are int64 tensors: 8 bytes per item and per batch, whatever the
+        dataset's size (see the class docstring). The permutation is the one
+        :meth:`epoch_order` lists, drawn from the same generator in the same order.
+        """
         n, B = len(self.dataset), self.batch_size
         g = self._generator(epoch)
-        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        if self.group_by_length:
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        if self.group_by_length:  # per item Python work: length grouping is for datasets that fit in a list
             lengths = self.dataset.lengths()
             window = 50 * B
-            order = [i for s in range(0, n, window)
-                     for i in sorted(order[s:s + window], key=lambda i: -lengths[i])]
-        batches = [order[s:s + B] for s in range(0, n, B)]
-        if self.drop_last and len(batches[-1]) < B:
-            batches.pop()
+            listed = order.tolist()
+            order = torch.tensor([i for s in range(0, n, window)
+                                  for i in sorted(listed[s:s + window], key=lambda i: -lengths[i])],
+                                 dtype=torch.long)
+        num_batches = len(self)  # a short last batch is dropped with drop_last
         if self.group_by_length and self.shuffle:
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        return batches
+            batch_ids = torch.randperm(num_batches, generator=g)
+        else:
+            batch_ids = torch.arange(num_batches)
+        return order, batch_ids
+
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """The index batches of ``epoch``, in order (as lists; :meth:`epoch_indices` is the compact form)."""
+        order, batch_ids = self.epoch_indices(epoch)
+        B = self.batch_size
+        return [order[j * B:(j + 1) * B].tolist() for j in batch_ids.tolist()]
 
     def rank_slice(self, batch: list[int]) -> list[int]:
         """This rank's contiguous share of one global batch of indices (all of it when ``world_size == 1``)."""
@@ -153,9 +177,12 @@ class Batches:
 
     def __iter__(self) -> Iterator[dict]:
         epoch, start = self.position
+        B = self.batch_size
         while self.epochs is None or epoch < self.epochs:
-            order = self.epoch_order(epoch)
-            for b in range(start, len(order)):
-                self.position = (epoch, b + 1) if b + 1 < len(order) else (epoch + 1, 0)
-                yield self.collate_fn([self.dataset[i] for i in self.rank_slice(order[b])])
+            order, batch_ids = self.epoch_indices(epoch)
+            data = self.dataset.for_epoch(epoch) if hasattr(self.dataset, "for_epoch") else self.dataset
+            for b in range(start, len(batch_ids)):
+                self.position = (epoch, b + 1) if b + 1 < len(batch_ids) else (epoch + 1, 0)
+                j = int(batch_ids[b])
+                yield self.collate_fn([data[i] for i in self.rank_slice(order[j * B:(j + 1) * B].tolist())])
             epoch, start = epoch + 1, 0

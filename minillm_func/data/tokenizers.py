@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = ["ByteTokenizer", "BPETokenizer", "HFTokenizer", "load_tokenizer"]
+__all__ = ["ByteTokenizer", "BPETokenizer", "HFTokenizer", "load_tokenizer", "parse_tokenizer_spec"]
 
 
 def _tokenizers_lib():
@@ -522,3 +522,28 @@ def load_tokenizer(spec: dict):
         return HFTokenizer._from_spec(spec)
     raise ValueError(
         f"load_tokenizer: unknown tokenizer description {spec.get('type')!r}; expected 'byte', 'bpe' or 'hf'.")
+
+
+def parse_tokenizer_spec(spec: str) -> tuple[str, object]:
+    """What a tokenizer named on the command line is: ``"byte"`` -> ``("byte", None)``; ``"bpe:VOCAB"`` ->
+    ``("bpe", VOCAB)`` (one still to be trained); a folder -> ``("folder", path)`` (a Hugging Face
+    tokenizer); a file -> ``("file", path)`` (a tokenizer.json). A ``ValueError`` names what is wrong."""
+    from pathlib import Path
+
+    if spec == "byte":
+        return "byte", None
+    if spec.startswith("bpe:"):
+        try:
+            vocab = int(spec[4:])
+        except ValueError:
+            raise ValueError(f"{spec}: the BPE vocabulary size must be a whole number, e.g. bpe:4096.") from None
+        if vocab < 259:
+            raise ValueError(f"{spec}: the vocabulary needs at least 259 entries (bytes + specials).")
+        return "bpe", vocab
+    path = Path(spec)
+    if path.is_dir():
+        return "folder", path
+    if not path.is_file():
+        raise ValueError(f"{spec}: no such file; use byte, bpe:VOCAB, a path to a tokenizer.json, or a Hugging Face "
+                         "folder holding tokenizer.json and tokenizer_config.json.")
+    return "file", path
