@@ -62,8 +62,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .labels import require_integer_ids
 from .tree import under_transform
 
-__all__ = ["ModelConfig", "Model", "build_model", "Transformer", "KVCache", "empty_cache", "output_weight", "packed_causal_mask",
-           "rotary_inv_freq"]
+__all__ = ["ModelConfig", "Model", "build_model", "Transformer", "KVCache", "empty_cache", "output_weight",
+           "packed_causal_mask", "rotary_inv_freq"]
 
 # One ``(keys, values)`` pair per layer, each ``[batch, kv_heads, cached_len, head_dim]``:
 # rotary positions already applied to the keys, stored before grouped-query

@@ -120,7 +120,8 @@ def sft_objective(head: Head | Callable) -> Callable:
         labels = batch["labels"]
         mask = batch.get("loss_mask")
         mask = (labels != IGNORE_INDEX) if mask is None else (mask.bool() & (labels != IGNORE_INDEX))
-        return head.ce(params, batch["input_ids"], labels, mask, position_ids=batch.get("position_ids")), (mask.sum(), {})
+        loss = head.ce(params, batch["input_ids"], labels, mask, position_ids=batch.get("position_ids"))
+        return loss, (mask.sum(), {})
 
     return loss_fn
 

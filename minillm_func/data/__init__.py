@@ -10,9 +10,10 @@ from .shards import TokenShards, is_token_folder, prepare, read_index
 from .tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer, parse_tokenizer_spec
 
 __all__ = [
-    "BPETokenizer", "Batches", "PackedDataset", "best_fit_decreasing", "ByteTokenizer", "ConversationDataset", "DemoCorpus", "HFTokenizer",
-    "LanguageModelingDataset", "PreferenceDataset", "PromptDataset", "UnpairedPreferenceDataset", "ROLES", "chat_prompt", "collate", "demo_corpus", "detect_kind",
-    "load_dataset", "load_tokenizer", "read_records", "records_from_hf", "render_chat", "render_messages",
-    "start_ids", "tokenize_chat", "validate_record",
-    "TokenShards", "is_token_folder", "parse_tokenizer_spec", "prepare", "read_index",
+    "Batches", "best_fit_decreasing", "BPETokenizer", "ByteTokenizer", "chat_prompt", "collate",
+    "ConversationDataset", "demo_corpus", "DemoCorpus", "detect_kind", "HFTokenizer", "is_token_folder",
+    "LanguageModelingDataset", "load_dataset", "load_tokenizer", "PackedDataset", "parse_tokenizer_spec",
+    "PreferenceDataset", "prepare", "PromptDataset", "read_index", "read_records", "records_from_hf", "render_chat",
+    "render_messages", "ROLES", "start_ids", "tokenize_chat", "TokenShards", "UnpairedPreferenceDataset",
+    "validate_record",
 ]

@@ -104,7 +104,8 @@ class PackedDataset:
             raise ValueError(f"PackedDataset: packs SFT items ({{input_ids, labels}}) or preference pairs "
                              f"(chosen_*/rejected_*); got items with {sorted(first)}.")
         if not self.pairs and any(k.startswith("kl_") for k in first):
-            raise ValueError("PackedDataset: KTO items (with kl_* mismatched pairs) are not packed; train KTO unpacked.")
+            raise ValueError("PackedDataset: KTO items (with kl_* mismatched pairs) are not packed; "
+                             "train KTO unpacked.")
         unknown = [k for k, v in first.items() if not isinstance(v, torch.Tensor)]
         if unknown:
             raise ValueError(f"PackedDataset: items carry fields that are not tensors ({unknown}); prompt "
