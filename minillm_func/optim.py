@@ -57,11 +57,15 @@ from . import native
 from . import tree as T
 
 __all__ = [
-    "Transform", "chain", "step", "apply_updates",
-    "EmptyState", "ScaleByAdamState", "scale_by_adam", "add_decayed_weights", "ScaleByScheduleState",
-    "scale_by_learning_rate", "adamw", "AdamWState", "clip_by_global_norm", "ClipState", "clipped_norm",
-    "masked", "MaskedState", "inject_hyperparams", "InjectHyperparamsState",
-    "decay_mask", "fused_adamw_available",
+    "evaluation_params", "muon", "scale_by_muon", "MuonState", "scale_by_shape", "orthogonalize_via_newton_schulz",
+    "partition", "multi_transform", "PartitionState", "MultiTransformState", "muon_labels", "muon_with_adamw",
+    "Transform", "chain", "step", "apply_updates", "EmptyState", "ScaleByAdamState", "scale_by_adam",
+    "add_decayed_weights", "ScaleByScheduleState", "scale_by_learning_rate", "adamw", "AdamWState",
+    "clip_by_global_norm", "ClipState", "clipped_norm", "masked", "MaskedState", "inject_hyperparams",
+    "InjectHyperparamsState", "decay_mask", "fused_adamw_available", "schedule_free", "schedule_free_adamw",
+    "schedule_free_eval_params", "ScheduleFreeState", "ScaleByRmsState", "ema", "EmaState", "ema_params",
+    "EmaParamsState", "averaged_params", "lookahead", "LookaheadState", "lookahead_slow_params", "apply_if_finite",
+    "ApplyIfFiniteState", "skip_large_updates", "SkipLargeUpdatesState",
 ]
 
 PyTree = Any
@@ -754,6 +758,661 @@ class _BufferPool:
             return out
 
 
+# --------------------------------------------------------------------------- partition, Muon
+
+
+class PartitionState(NamedTuple):
+    """``inner_states``: label -> the state of that label's transform, over its own leaves only."""
+
+    inner_states: dict
+
+
+MultiTransformState = PartitionState  # optax's former name, kept there too
+
+
+def _leaf_names(tree: PyTree) -> list[str]:
+    """Each leaf's key path joined with dots: a flat params dict's own keys, ``"a.b.0"`` in nested trees."""
+    names = [".".join(map(str, path)) for path in optree.tree_paths(tree)]
+    if len(set(names)) != len(names):
+        dup = next(n for i, n in enumerate(names) if n in names[:i])
+        raise ValueError(f"two leaves are both named {dup!r} (a key that contains a dot?); partition and "
+                         "muon_labels name a leaf by its key path joined with '.', so those must differ.")
+    return names
+
+
+def partition(transforms: dict, param_labels, *, allow_unused: bool = False) -> Transform:
+    r"""Send each leaf's update through exactly one of ``transforms``, picked by the leaf's label.
+
+    ``param_labels`` is a pytree of labels (keys of ``transforms``) shaped like
+    params -- or a prefix of it, as in optax: one label for a whole subtree --
+    or a function ``params -> such a tree`` (e.g. :func:`muon_labels`). The
+    function is called with params at ``init`` and with the gradients at each
+    ``update`` (as optax does; ``params`` may be absent there), so it should
+    look at names and shapes only. With :math:`\ell(i)` the label of leaf
+    :math:`i` and :math:`S_k = \{j : \ell(j) = k\}`,
+
+    .. math::
+
+        u_i = \big[\mathcal T_{\ell(i)}\big((g_j)_{j \in S_{\ell(i)}}\big)\big]_i
+
+    Each transform sees only its own leaves, as a dict ``name -> leaf`` where
+    ``name`` is the leaf's key path joined with dots: for this library's flat
+    params dicts, the sub-dict of params with those keys. So a mask (e.g.
+    :func:`decay_mask`) or a name-based rule inside it works as it would on the
+    full params. The state is :class:`PartitionState`: ``inner_states[label]``
+    is that transform's own state.
+
+    A label with no transform is an error that names its leaves. So is a
+    transform that no leaf uses (a misspelt label would otherwise leave it
+    idle) unless ``allow_unused=True``; it then runs on an empty dict. The fast
+    ``apply`` runs each transform's own (through :func:`step`), so AdamW keeps
+    its fused kernels.
+
+    ``optax.partition`` (formerly ``multi_transform``, an alias here too), with
+    two differences: optax hands each transform the full tree with the other
+    leaves masked out, and it accepts unused transforms silently.
+
+    Example::
+
+        labels = lambda p: {k: "decay" if v.dim() >= 2 else "no_decay" for k, v in p.items()}
+        opt = partition({"decay": adamw(1e-3, weight_decay=0.1), "no_decay": adamw(1e-3, weight_decay=0.0)},
+                        labels)
+        state = opt.init(params)                 # PartitionState({"decay": AdamWState, "no_decay": AdamWState})
+        params, state = step(opt, grads, state, params)
+    """
+    if not hasattr(transforms, "items") or not transforms:
+        raise TypeError("partition: transforms must be a non-empty dict label -> Transform, e.g. "
+                        "partition({'muon': muon(0.02), 'adamw': adamw(3e-4)}, muon_labels).")
+    transforms = dict(transforms)
+    bad = [k for k, t in transforms.items() if not isinstance(t, Transform)]
+    if bad:
+        raise TypeError(f"partition: transforms[{bad[0]!r}] is a {type(transforms[bad[0]]).__name__}, not a "
+                        "Transform; pass transforms themselves, e.g. {'adamw': adamw(3e-4)}.")
+    known = ", ".join(map(repr, transforms))
+
+    def labels_of(tree):
+        """The leaves' names and labels, checked: every label has a transform (and every transform a leaf)."""
+        labels = param_labels(tree) if callable(param_labels) else param_labels
+        try:
+            flat = optree.tree_leaves(optree.tree_broadcast_prefix(labels, tree))
+        except ValueError as e:
+            raise ValueError(f"partition: param_labels must be a tree of labels shaped like the params (or a "
+                             f"prefix of them), or a function params -> such a tree; they do not match: {e}") from None
+        names = _leaf_names(tree)
+        orphans: dict = {}
+        for name, label in zip(names, flat):
+            if label not in transforms:
+                orphans.setdefault(label, []).append(name)
+        if orphans:
+            label, leaves = next(iter(orphans.items()))
+            shown = ", ".join(map(repr, leaves[:3])) + (f" and {len(leaves) - 3} more" if len(leaves) > 3 else "")
+            raise ValueError(f"partition: the label {label!r} (of {shown}) has no transform; the transforms are "
+                             f"{known}. Add transforms[{label!r}] or give those leaves one of these labels.")
+        if not allow_unused:
+            used = set(flat)
+            idle = [k for k in transforms if k not in used]
+            if idle:
+                raise ValueError(f"partition: no leaf has the label {idle[0]!r} (labels in use: "
+                                 f"{', '.join(map(repr, sorted(used, key=str)))}); drop transforms[{idle[0]!r}], "
+                                 "fix the labels, or pass allow_unused=True.")
+        return names, flat
+
+    def split(names, labels, tree):
+        """label -> dict name -> leaf."""
+        xs = T.leaves(tree)
+        if len(xs) != len(names):
+            raise ValueError(f"partition: the gradients have {len(names)} leaves but the params {len(xs)}; pass "
+                             "grads shaped like params.")
+        groups: dict = {k: {} for k in transforms}
+        for name, label, x in zip(names, labels, xs):
+            groups[label][name] = x
+        return groups
+
+    def check(state):
+        if not isinstance(state, PartitionState) or set(state.inner_states) != set(transforms):
+            got = (f"inner states for {', '.join(map(repr, state.inner_states))}"
+                   if isinstance(state, PartitionState) else f"a {type(state).__name__}")
+            raise ValueError(f"partition over {known} got {got} as its state; it needs the PartitionState that "
+                             "its own init returns: state = opt.init(params), then opt.update(grads, state, params).")
+
+    def init(params):
+        groups = split(*labels_of(params), params)
+        return PartitionState({k: t.init(groups[k]) for k, t in transforms.items()})
+
+    def update(grads, state, params=None):
+        check(state)
+        names, labels = labels_of(grads)
+        gs = split(names, labels, grads)
+        ps = split(names, labels, params) if params is not None else dict.fromkeys(transforms)
+        out, inner = {}, {}
+        for k, t in transforms.items():
+            updates, inner[k] = t.update(gs[k], state.inner_states[k], ps[k])
+            out.update(updates)
+        return T.unflatten_like(grads, [out[n] for n in names]), PartitionState(inner)
+
+    def apply(grads, state, params, *, donate=False, skip=None):
+        check(state)
+        names, labels = labels_of(grads)
+        gs, ps = split(names, labels, grads), split(names, labels, params)
+        out, inner = {}, {}
+        for k, t in transforms.items():
+            new, inner[k] = step(t, gs[k], state.inner_states[k], ps[k], donate=donate, skip=skip)
+            out.update(new)
+        return T.unflatten_like(params, [out[n] for n in names]), PartitionState(inner)
+
+    return Transform(init, update, apply)
+
+
+multi_transform = partition  # optax's former name
+
+
+def muon_labels(params: PyTree) -> PyTree:
+    """Muon's usual split of a transformer's params (modded-nanogpt's): ``"muon"`` or ``"adamw"`` per leaf.
+
+    ``"muon"`` for the 2-D weights inside the repeated blocks -- the attention
+    and MLP projections, ``layers.3.attn.wq.weight`` -- and ``"adamw"`` for
+    everything else: the embeddings, the output head, norms, biases. A leaf's
+    name is its key path joined with dots (for this library's params, its key);
+    it is inside a block when a dotted segment before the last is a number, and
+    an embedding wherever it sits when a segment contains ``emb`` (or is GPT-2's
+    ``wte``/``wpe``). Why not Muon everywhere: its update orthogonalises a
+    matrix that maps hidden vectors to hidden vectors; an embedding is a lookup
+    table (one row per token, each row should move on its own) and the head
+    maps to logits, and both train better with Adam (Keller Jordan's
+    experiments; norms and biases are not matrices at all).
+
+    Example::
+
+        params = {"tok_emb.weight": torch.randn(10, 4), "layers.0.attn.wq.weight": torch.randn(4, 4),
+                  "layers.0.attn_norm.weight": torch.ones(4)}
+        muon_labels(params)   # {"tok_emb.weight": "adamw", "layers.0.attn.wq.weight": "muon", "...norm.weight": "adamw"}
+        opt = partition({"muon": chain(scale_by_muon(), scale_by_shape(), scale_by_learning_rate(0.02)),
+                         "adamw": adamw(3e-4)}, muon_labels)              # muon_with_adamw(0.02, 3e-4) builds this
+        state = opt.init(params)
+    """
+
+    def label(name, x):
+        parts = name.split(".")
+        in_block = any(p.isdigit() for p in parts[:-1])
+        embedding = any("emb" in p.lower() or p in ("wte", "wpe") for p in parts)
+        return "muon" if x.dim() == 2 and in_block and not embedding else "adamw"
+
+    return _map_named(label, params)
+
+
+def _map_named(fn: Callable, tree: PyTree, prefix: str = "") -> PyTree:
+    """``fn(name, leaf)`` over nested dicts, lists and tuples, names as in :func:`_leaf_names`, built container
+    by container. Not through a flatten: while ``torch.compile`` traces, its optree visits a dict's leaves in
+    insertion order in ``tree_map`` but sorted in ``tree_leaves``, and unflattens tensors only."""
+    if isinstance(tree, dict):
+        return {k: _map_named(fn, v, f"{prefix}{k}.") for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        items = [_map_named(fn, v, f"{prefix}{i}.") for i, v in enumerate(tree)]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return None if tree is None else fn(prefix[:-1], tree)
+
+
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+_NS_PRESETS = {
+    "standard": _NS_COEFFS,
+    "dion": ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+             (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)),
+}
+_PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+
+
+def _ns_plan(who: str, ns_coeffs, ns_steps, preconditioning) -> tuple:
+    """The coefficients ``(a, b, c)`` of each Newton-Schulz step, as Python floats (static: no recompile)."""
+    if isinstance(ns_steps, _Injected) or isinstance(ns_coeffs, _Injected):
+        raise TypeError(f"{who}: ns_steps and ns_coeffs set how many matrix products run, so they are fixed when "
+                        "the transform is built and cannot be injected; bind them first: "
+                        "inject_hyperparams(functools.partial(muon, ns_steps=3))(learning_rate=0.02).")
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"{who}: ns_steps must be a positive int, got {ns_steps!r}.")
+    if preconditioning not in _PRECONDITIONINGS:
+        raise ValueError(f"{who}: preconditioning must be one of {', '.join(map(repr, _PRECONDITIONINGS))}, "
+                         f"got {preconditioning!r}.")
+    if isinstance(ns_coeffs, str):
+        if ns_coeffs not in _NS_PRESETS:
+            raise ValueError(f"{who}: unknown ns_coeffs preset {ns_coeffs!r}; the presets are "
+                             f"{', '.join(map(repr, _NS_PRESETS))}, or pass the numbers, e.g. "
+                             "(3.4445, -4.7750, 2.0315).")
+        ns_coeffs = _NS_PRESETS[ns_coeffs]
+    try:
+        rows = torch.as_tensor(ns_coeffs, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        rows = None
+    if rows is not None and rows.shape == (3,):
+        return (tuple(rows.tolist()),) * ns_steps
+    if rows is not None and rows.dim() == 2 and rows.shape[1] == 3 and 1 <= len(rows) <= ns_steps:
+        return tuple(tuple(r) for r in rows.tolist())
+    if rows is not None and rows.dim() == 2 and rows.shape[1] == 3 and len(rows) > ns_steps:
+        raise ValueError(f"{who}: {len(rows)} per-step coefficient triples but ns_steps={ns_steps}; each triple is one "
+                         f"step (ns_steps is then ignored, as in optax, but must be at least {len(rows)}).")
+    raise ValueError(f"{who}: ns_coeffs must be one triple (a, b, c), e.g. (3.4445, -4.7750, 2.0315), a sequence "
+                     f"of triples (one per step), or a preset name ('standard', 'dion'); got {ns_coeffs!r}.")
+
+
+def _newton_schulz(x: torch.Tensor, plan: tuple, preconditioning: str, eps) -> torch.Tensor:
+    """The iteration on a stack of wide matrices ``[B, m, n]``, ``m <= n`` (so ``X X^T`` is the small Gram)."""
+    if preconditioning == "frobenius":
+        x = x / (torch.linalg.matrix_norm(x, keepdim=True) + _like(eps, x))
+    elif preconditioning == "spectral":
+        x = x / (torch.linalg.matrix_norm(x, ord=2, keepdim=True) + _like(eps, x))
+    for i, (a, b, c) in enumerate(plan):
+        gram = x @ x.mT
+        if i == 0 and preconditioning == "aol":  # rows rescaled by their Gram row sums (Turbo-Muon)
+            s = gram.abs().sum(-1, keepdim=True).clamp(min=_like(eps, gram)).rsqrt()
+            x, gram = x * s, gram * s * s.mT
+        elif i == 0 and preconditioning == "schatten":  # divided by the Schatten-4 norm, ||X X^T||_F^(1/2)
+            s = torch.linalg.matrix_norm(gram, keepdim=True).clamp(min=_like(eps, gram)).rsqrt()
+            x, gram = x * s, gram * (s * s)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)   # b A + c A^2
+        x = torch.baddbmm(x, poly, x, beta=a)                      # a X + (b A + c A^2) X
+    return x
+
+
+def orthogonalize_via_newton_schulz(x: torch.Tensor, ns_coeffs=_NS_COEFFS, ns_steps: int = 5,
+                                    preconditioning: str = "frobenius", eps: float = 1e-8) -> torch.Tensor:
+    r"""An approximately orthogonal matrix with the singular vectors of ``x``: :math:`U S' V^T` for :math:`x = U S V^T`.
+
+    ``x`` has shape ``[..., m, n]`` (leading dimensions are a batch). With the
+    default (Frobenius) preconditioning :math:`X_0 = x / (\|x\|_F + \epsilon)`,
+    so every singular value lies in :math:`[0, 1]`; then ``ns_steps`` times,
+    with :math:`(a, b, c)` = ``ns_coeffs``:
+
+    .. math::
+
+        A = X X^T, \qquad X \leftarrow a X + (b A + c A^2)\, X
+
+    which maps each singular value :math:`\sigma \mapsto a\sigma + b\sigma^3 +
+    c\sigma^5` and leaves the singular vectors alone. The default coefficients
+    (Keller Jordan's) maximise the slope at zero, so small singular values grow
+    fast; the price is that the iteration does not converge to 1 but oscillates
+    in a band: after 5 steps every singular value with
+    :math:`\sigma / \|x\|_F \ge 3\cdot 10^{-3}` lies in :math:`[0.68, 1.21]`
+    (iterate the scalar polynomial to check; optax's docstring says "roughly
+    [0.5, 1.5]"; smaller ones have not grown into the band yet), which trains
+    as well as the exact :math:`U V^T`.
+    A tall ``x`` (m > n) is transposed first, so :math:`A` is the smaller Gram
+    matrix; :math:`f(X^T) = f(X)^T` makes that exact.
+
+    ``ns_coeffs`` may also be one triple per step (``ns_steps`` is then ignored)
+    or a preset: ``"standard"`` (the default) or ``"dion"``. ``preconditioning``:
+    ``"frobenius"`` (default), ``"spectral"`` (divide by the largest singular
+    value, an SVD: costly, but every singular value starts in the band's
+    reach), ``"aol"`` (the first step rescales row :math:`i` by
+    :math:`(\sum_j |A_{ij}|)^{-1/2}`, Boissin et al.) or ``"schatten"`` (the
+    first step divides by :math:`\|X X^T\|_F^{1/2}`, Grishina et al.); the last
+    two clamp their denominators at ``eps`` (optax fixes 1e-8 there).
+
+    The matrix products run in ``x``'s dtype: float32 on CPU (bfloat16 matmuls
+    are slower there); Keller Jordan runs them in bfloat16 on GPUs, which the
+    iteration tolerates -- cast ``x`` first, or pass ``ns_dtype`` to
+    :func:`scale_by_muon`. Same numbers as optax's function of this name.
+
+    Example::
+
+        o = orthogonalize_via_newton_schulz(torch.randn(64, 256))
+        torch.linalg.svdvals(o)          # all within [0.68, 1.21]
+    """
+    if x.dim() < 2:
+        raise ValueError(f"orthogonalize_via_newton_schulz needs a matrix (or a batch of them, [..., m, n]), got "
+                         f"shape {tuple(x.shape)}.")
+    plan = _ns_plan("orthogonalize_via_newton_schulz", ns_coeffs, ns_steps, preconditioning)
+    tall = x.shape[-2] > x.shape[-1]
+    wide = x.mT if tall else x
+    out = _newton_schulz(wide.reshape(-1, *wide.shape[-2:]), plan, preconditioning, eps).reshape(wide.shape)
+    return out.mT if tall else out
+
+
+def _orthogonalize_all(xs: list, plan: tuple, preconditioning: str, eps, ns_dtype) -> list:
+    """Every matrix of ``xs`` orthogonalised; those of one shape (up to a transpose), dtype and device
+    go through the iteration together as one stack, so a model's many equal projections cost a few
+    batched matrix products instead of many small ones.
+
+    Each runs in the orientation with fan-in as rows (a square ``(out, in)`` weight is transposed too):
+    that is how optax sees a JAX ``(in, out)`` weight, and the one preconditioning that is not
+    transpose-invariant ("aol" rescales rows) then gives optax's numbers."""
+    groups: dict = {}
+    for i, x in enumerate(xs):
+        groups.setdefault((min(x.shape), max(x.shape), x.dtype, x.device), []).append(i)
+    out: list = [None] * len(xs)
+    for idx in groups.values():
+        tall = [xs[i].shape[0] >= xs[i].shape[1] for i in idx]
+        stack = torch.stack([xs[i].mT if t else xs[i] for i, t in zip(idx, tall)])
+        o = _newton_schulz(stack if ns_dtype is None else stack.to(ns_dtype), plan, preconditioning, eps)
+        for i, t, oi in zip(idx, tall, o.to(stack.dtype).unbind(0)):
+            out[i] = oi.mT if t else oi
+    return out
+
+
+def _check_matrices(who: str, tree: PyTree):
+    xs = T.leaves(tree)
+    bad = [i for i, x in enumerate(xs) if x.dim() != 2]
+    if bad:
+        name, shape = _leaf_names(tree)[bad[0]], tuple(xs[bad[0]].shape)
+        raise ValueError(
+            f"{who} works on matrices, but the leaf {name!r} has shape {shape}. Send it elsewhere: "
+            "muon(...) routes non-matrix leaves to Adam, and partition({'muon': ..., 'adamw': adamw(...)}, "
+            "muon_labels) picks the leaves by name (muon_with_adamw builds that).")
+
+
+def _debiased_momentum(ms: list, gs: list, b, t: torch.Tensor, nesterov: bool) -> list:
+    r"""optax's bias-corrected momentum: :math:`m_t/(1-\beta^t)`, or with Nesterov
+    :math:`\beta\, m_t/(1-\beta^{t+1}) + (1-\beta)\, g/(1-\beta^t)` (corrections in float64)."""
+    t = t.to(torch.float64)
+    bc = 1 - _power(b, t)
+    if not nesterov:
+        return [m * _like(1 / bc, m) for m in ms]
+    c_m, c_g = b / (1 - _power(b, t + 1)), (1 - b) / bc  # 0-d: three passes over each leaf, not five
+    return [m * _like(c_m, m) + g * _like(c_g, g) for m, g in zip(ms, gs)]
+
+
+class MuonState(NamedTuple):
+    """``count``: updates done so far (0-d int64); ``mu``: the momentum, an average of past gradients shaped
+    like params (in ``mu_dtype``). optax also stores the Newton-Schulz coefficients here; they are
+    fixed Python numbers of the transform in this library (no host sync to read them)."""
+
+    count: torch.Tensor
+    mu: PyTree
+
+
+def scale_by_muon(ns_coeffs=_NS_COEFFS, ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8,
+                  mu_dtype: torch.dtype | None = None, *, nesterov: bool = True, adaptive: bool = False,
+                  preconditioning: str = "frobenius", ns_dtype: torch.dtype | None = None) -> Transform:
+    r"""Muon's direction: the momentum of the gradients, orthogonalised by Newton-Schulz (no learning rate).
+
+    Every leaf must be a matrix. With :math:`t` the incremented count and
+    :math:`\beta` = ``beta``:
+
+    .. math::
+
+        m_t &= \beta\, m_{t-1} + (1-\beta)\, g \\
+        \hat m &= \frac{m_t}{1-\beta^t} \quad\text{or, with Nesterov,}\quad
+            \hat m = \beta\,\frac{m_t}{1-\beta^{t+1}} + (1-\beta)\,\frac{g}{1-\beta^t} \\
+        u &= \mathrm{NS}(\hat m) \quad\text{(}\times \langle \hat m, \mathrm{NS}(\hat m)\rangle
+            \text{ with ``adaptive``)}
+
+    where NS is :func:`orthogonalize_via_newton_schulz` (``ns_coeffs``,
+    ``ns_steps``, ``preconditioning``, ``eps``). This is optax's
+    ``scale_by_muon``: the momentum is an average (Keller Jordan's reference
+    now lerps too) and bias-corrected, as Adam's first moment; since NS divides
+    by the norm, the correction only changes the Nesterov mix of the first few
+    steps. Defaults are optax's (``beta`` 0.95 and Nesterov as in Keller
+    Jordan's reference; ``eps`` 1e-8, his is 1e-7: it only guards a zero
+    matrix). The update's size comes from the shape, not from the gradient's
+    scale: every singular value is near 1, so scale it next
+    (:func:`scale_by_shape`) and by a learning rate, as :func:`muon` does.
+
+    Matrices of one shape (up to a transpose) go through the iteration as one
+    batched stack, each with fan-in as rows (optax's orientation of a JAX
+    weight; only ``"aol"`` can tell); the products run in the update's dtype, or in ``ns_dtype``
+    (e.g. ``torch.bfloat16`` on a GPU, as Keller Jordan does; on CPU float32 is
+    faster). ``mu_dtype``: the momentum's dtype (default: the params').
+
+    Example::
+
+        opt = chain(scale_by_muon(), scale_by_shape(), scale_by_learning_rate(0.02))
+        matrices = {"w": torch.randn(4, 6)}            # every leaf a matrix
+        u, state = opt.update(matrices, opt.init(matrices))   # (MuonState, EmptyState, ScaleByScheduleState)
+    """
+    plan = _ns_plan("scale_by_muon", ns_coeffs, ns_steps, preconditioning)
+    for name, value, high in (("beta", beta, 1.0), ("eps", eps, float("inf"))):
+        _check_number("scale_by_muon", value, name)
+        _check_range("scale_by_muon", value, name, 0.0, high)
+
+    def init(params):
+        _check_matrices("scale_by_muon", params)
+        return MuonState(torch.zeros((), dtype=torch.int64),
+                         T.tree_map(lambda p: torch.zeros_like(p, dtype=mu_dtype), params))
+
+    def update(grads, state, params=None):
+        _check_matrices("scale_by_muon", grads)
+        b, epsilon = _hyper(beta, state.count), _hyper(eps, state.count)
+        t = state.count + 1
+        gs, ms = T.leaves(grads), T.leaves(state.mu)
+        # m + (1 - beta)(g - m), in the wider of the two dtypes (a bfloat16 mu_dtype is only how it is stored)
+        new_ms = [m.to(dt).lerp(g.to(dt), _like(1 - b, g.to(dt)))
+                  for m, g in zip(ms, gs) for dt in [torch.promote_types(m.dtype, g.dtype)]]
+        hats = _debiased_momentum(new_ms, gs, b, t, nesterov)
+        out = _orthogonalize_all(hats, plan, preconditioning, epsilon, ns_dtype)
+        if adaptive:  # scaled by the dual norm <m, NS(m)> (Bernstein & Newhouse)
+            out = [(h * o).sum() * o for h, o in zip(hats, out)]
+        updates = T.unflatten_like(grads, [o.to(g.dtype) for o, g in zip(out, gs)])
+        return updates, MuonState(t, T.unflatten_like(state.mu, [n.to(m.dtype) for n, m in zip(new_ms, ms)]))
+
+    return Transform(init, update)
+
+
+def scale_by_shape(consistent_rms: float | None = None) -> Transform:
+    r"""Scale each matrix's update by a factor of its shape, so one learning rate suits every layer.
+
+    For an :math:`r \times c` matrix in torch's ``(out_features, in_features)``
+    layout (:math:`r` = fan-out, :math:`c` = fan-in):
+
+    .. math::
+
+        u \leftarrow \sqrt{\max(1,\ r / c)}\; u \quad\text{(default; Keller Jordan's reference)},
+        \qquad u \leftarrow \rho \sqrt{\max(r, c)}\; u \quad\text{(``consistent\_rms`` = } \rho\text{)}
+
+    The first keeps the update's spectral norm at :math:`\sqrt{\text{fan-out}/
+    \text{fan-in}}` for expanding layers; the second (Liu et al., Moonlight)
+    gives every matrix an update RMS of about :math:`\rho` (0.2 matches AdamW's
+    typical RMS, so AdamW's learning rate and weight decay carry over).
+    optax's ``scale_by_shape`` computes the same fan-out/fan-in rule for JAX's
+    ``(in, out)`` layout, i.e. :math:`\sqrt{\max(1, c/r)}` on the same array:
+    this is optax's rule on the transposed (torch-layout) weight. Stateless.
+
+    Example::
+
+        u, _ = scale_by_shape().update({"w1": torch.ones(352, 128)}, EmptyState())   # times sqrt(352/128)
+    """
+    if consistent_rms is not None:
+        _check_number("scale_by_shape", consistent_rms, "consistent_rms")
+        _check_range("scale_by_shape", consistent_rms, "consistent_rms", 0.0, float("inf"))
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None):
+        _check_matrices("scale_by_shape", updates)
+        rms = _hyper(consistent_rms, None)
+
+        def one(u):
+            rows, cols = u.shape
+            if rms is None:
+                return u * math.sqrt(max(1.0, rows / cols))
+            return u * (_like(rms, u) * math.sqrt(max(rows, cols)))
+
+        return T.tree_map(one, updates), state
+
+    return Transform(init, update)
+
+
+def _scale_by_adam_optax(b1, b2, eps, eps_root, mu_dtype, nesterov) -> Transform:
+    r"""optax's ``scale_by_adam`` (what :func:`muon` gives the non-matrix leaves): ``eps_root`` inside the root,
+    :math:`u = \hat m / (\sqrt{v/(1-\beta_2^t) + \epsilon_{root}} + \epsilon)`, and Nesterov's :math:`\hat m`
+    (NAdam) as in :func:`scale_by_muon`. State: :class:`ScaleByAdamState`."""
+    for name, value, high in (("adam_b1", b1, 1.0), ("adam_b2", b2, 1.0), ("eps", eps, float("inf")),
+                              ("adam_eps_root", eps_root, float("inf"))):
+        _check_number("muon", value, name)
+        _check_range("muon", value, name, 0.0, high)
+
+    def init(params):
+        return ScaleByAdamState(torch.zeros((), dtype=torch.int64),
+                                T.tree_map(lambda p: torch.zeros_like(p, dtype=mu_dtype), params),
+                                T.zeros_like(params))
+
+    def update(grads, state, params=None):
+        beta1, beta2, e, er = (_hyper(h, state.count) for h in (b1, b2, eps, eps_root))
+        t = state.count + 1
+        gs, ms, vs = T.leaves(grads), T.leaves(state.mu), T.leaves(state.nu)
+        new_ms = [_like(1 - beta1, g) * g + _like(beta1, m) * m for m, g in zip(ms, gs)]
+        new_vs = [_like(1 - beta2, g) * (g * g) + _like(beta2, v) * v for v, g in zip(vs, gs)]
+        hats = _debiased_momentum(new_ms, gs, beta1, t, nesterov)
+        bc2 = 1 - _power(beta2, t.to(torch.float64))
+        out = [(h / ((v / _like(bc2, v) + _like(er, v)).sqrt() + _like(e, v))).to(g.dtype)
+               for h, v, g in zip(hats, new_vs, gs)]
+        return T.unflatten_like(grads, out), ScaleByAdamState(
+            t, T.unflatten_like(state.mu, [n.to(m.dtype) for n, m in zip(new_ms, ms)]),
+            T.unflatten_like(state.nu, [n.to(v.dtype) for n, v in zip(new_vs, vs)]))
+
+    return Transform(init, update)
+
+
+def _branch_mask(mask):
+    """A weight-decay mask for one branch of :func:`partition`: a function is kept (it receives the branch's
+    dict name -> leaf); a tree of bools shaped like the full params is looked up by leaf name."""
+    if mask is None or callable(mask):
+        return mask
+    flags = dict(zip(_leaf_names(mask), optree.tree_leaves(mask)))
+
+    def lookup(sub):
+        missing = [n for n in sub if n not in flags]
+        if missing:
+            raise ValueError(f"weight_decay_mask has no entry for the param {missing[0]!r}; give one bool per "
+                             "param (a tree shaped like params) or a function of the params.")
+        return {n: flags[n] for n in sub}
+
+    return lookup
+
+
+def _muon_chain(learning_rate, ns_coeffs, ns_steps, beta, eps, weight_decay, weight_decay_mask, mu_dtype,
+                nesterov, adaptive, preconditioning, consistent_rms, ns_dtype) -> Transform:
+    return chain(scale_by_muon(ns_coeffs, ns_steps, beta, eps, mu_dtype, nesterov=nesterov, adaptive=adaptive,
+                               preconditioning=preconditioning, ns_dtype=ns_dtype),
+                 scale_by_shape(consistent_rms),
+                 add_decayed_weights(weight_decay, _branch_mask(weight_decay_mask)),
+                 scale_by_learning_rate(learning_rate))
+
+
+def _matrix_or_adam(params):
+    return T.tree_map(lambda p: "muon" if p.dim() == 2 else "adam", params)
+
+
+def muon(learning_rate, ns_coeffs=_NS_COEFFS, ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8,
+         weight_decay: float = 0.0, weight_decay_mask=None, mu_dtype: torch.dtype | None = None, *,
+         nesterov: bool = True, adaptive: bool = False, preconditioning: str = "frobenius",
+         adam_b1: float = 0.9, adam_b2: float = 0.999, adam_eps_root: float = 0.0,
+         adam_weight_decay: float = 0.0, adam_learning_rate=None, consistent_rms: float | None = None,
+         ns_dtype: torch.dtype | None = None) -> Transform:
+    r"""Muon (MomentUm Orthogonalized by Newton-Schulz): optax's ``optax.contrib.muon``, argument for argument.
+
+    Matrices (2-D leaves) take Muon's step; with :math:`\hat m` the
+    bias-corrected (Nesterov) momentum of :func:`scale_by_muon`, NS its
+    Newton-Schulz orthogonalisation, :math:`s` the shape factor of
+    :func:`scale_by_shape`, :math:`\eta_k` = ``learning_rate`` (a number, a 0-d
+    tensor, or a schedule called with the count of updates done so far) and
+    :math:`\lambda` = ``weight_decay``:
+
+    .. math::
+
+        p \leftarrow p - \eta_k \big(s\, \mathrm{NS}(\hat m) + \lambda p\big),
+        \qquad s = \sqrt{\max(1, \text{fan-out}/\text{fan-in})}
+        \ \text{or}\ \rho\sqrt{\max(\text{fan-in}, \text{fan-out})}
+
+    Every other leaf (vectors, scalars, 3-D and up) takes optax's AdamW step,
+    Nesterov's variant (NAdam) when ``nesterov`` (optax passes it on), with
+    ``adam_b1``, ``adam_b2``, the same ``eps`` and ``mu_dtype``,
+    ``adam_eps_root`` inside the square root, ``adam_weight_decay`` and
+    ``adam_learning_rate`` (default: ``learning_rate``):
+
+    .. math::
+
+        p \leftarrow p - \eta'_k \Big(\frac{\hat m}{\sqrt{v / (1-\beta_2^t) + \epsilon_{root}} + \epsilon}
+            + \lambda' p\Big)
+
+    It is ``partition({"muon": chain(scale_by_muon, scale_by_shape,
+    add_decayed_weights(weight_decay, weight_decay_mask), scale_by_learning_rate),
+    "adam": chain(<optax's adam>, add_decayed_weights(adam_weight_decay),
+    scale_by_learning_rate(adam_learning_rate))}, 2-D -> "muon")``; its state
+    is that :class:`PartitionState`. The decay is multiplied by the learning
+    rate, as in torch and optax. ``weight_decay_mask``: a tree of bools shaped
+    like params, or a function that receives the matrices as a dict
+    ``name -> tensor``.
+
+    Differences from optax, all forced by torch's conventions: the shape factor
+    reads fan-out/fan-in from torch's ``(out, in)`` layout, so on a torch
+    weight it equals optax's on the transposed JAX weight; optax's
+    ``muon_weight_dimension_numbers`` (Muon on 3-D+ leaves) is not offered:
+    those go to Adam, or pick leaves by name with :func:`muon_with_adamw` /
+    :func:`partition`. ``ns_dtype`` is extra (see :func:`scale_by_muon`).
+    Defaults are optax's: Keller Jordan's coefficients, 5 steps, ``beta`` 0.95,
+    Nesterov; no weight decay.
+
+    For a language model the matrices that should take Muon are the hidden
+    ones only (embeddings and the head train better with AdamW):
+    :func:`muon_with_adamw` makes that split by name.
+
+    Example::
+
+        opt = muon(learning_rate=schedules.cosine_annealing(0.02, T_max=1000), weight_decay=0.01)
+        state = opt.init(params)          # PartitionState({"muon": (MuonState, ...), "adam": (...)})
+        params, state = step(opt, grads, state, params)
+    """
+    _check_range("muon", learning_rate, "learning_rate", 0.0, float("inf"))
+    if adam_learning_rate is None:
+        adam_learning_rate = learning_rate
+    return partition(
+        {"muon": _muon_chain(learning_rate, ns_coeffs, ns_steps, beta, eps, weight_decay, weight_decay_mask,
+                             mu_dtype, nesterov, adaptive, preconditioning, consistent_rms, ns_dtype),
+         "adam": chain(_scale_by_adam_optax(adam_b1, adam_b2, eps, adam_eps_root, mu_dtype, nesterov),
+                       add_decayed_weights(adam_weight_decay), scale_by_learning_rate(adam_learning_rate))},
+        _matrix_or_adam, allow_unused=True)
+
+
+def muon_with_adamw(learning_rate, adam_learning_rate=None, *, beta: float = 0.95, nesterov: bool = True,
+                    ns_coeffs=_NS_COEFFS, ns_steps: int = 5, eps: float = 1e-8, weight_decay: float = 0.0,
+                    weight_decay_mask=None, consistent_rms: float | None = None, adaptive: bool = False,
+                    preconditioning: str = "frobenius", mu_dtype: torch.dtype | None = None,
+                    ns_dtype: torch.dtype | None = None, adam_b1: float = 0.9, adam_b2: float = 0.999,
+                    adam_eps: float = 1e-8, adam_weight_decay: float = 0.0, adam_mask=None,
+                    param_labels=muon_labels, impl: str = "auto") -> Transform:
+    r"""Muon for a transformer's hidden matrices, this library's AdamW for the rest, as modded-nanogpt trains.
+
+    ``partition({"muon": <muon's matrix step>, "adamw": adamw(...)}, param_labels)``
+    with :func:`muon_labels` as the default split: the blocks' 2-D weights take
+
+    .. math::
+
+        p \leftarrow p - \eta_k \big(s\, \mathrm{NS}(\hat m) + \lambda p\big)
+
+    exactly as in :func:`muon` (same arguments: ``beta``, ``nesterov``,
+    ``ns_coeffs``, ``ns_steps``, ``eps``, ``weight_decay``,
+    ``weight_decay_mask``, ``consistent_rms``, ``adaptive``, ``preconditioning``,
+    ``mu_dtype``, ``ns_dtype``), and the embeddings, head, norms and biases take
+    :func:`adamw` -- torch's AdamW, fused kernels included (``impl``) -- with
+    ``adam_learning_rate`` (default: ``learning_rate``), ``adam_b1``,
+    ``adam_b2``, ``adam_eps``, ``adam_weight_decay`` and ``adam_mask`` (its
+    decay mask; it receives those leaves as a dict ``name -> tensor``).
+
+    The two learning rates differ in kind: Muon's update has spectral norm
+    about :math:`s` whatever the gradient's scale (0.02 is Keller Jordan's
+    value), Adam's has entries of about 1 (1e-3 to 3e-3 at small sizes). With
+    ``consistent_rms=0.2`` Muon's RMS matches Adam's, and one learning rate
+    (and weight decay) serves both (Liu et al., Moonlight). Weight decay is 0
+    by default on both sides (optax's and modded-nanogpt's defaults). Leaves
+    are named by key path (see :func:`partition`); pass ``param_labels`` (a
+    tree or a function giving ``"muon"`` or ``"adamw"`` per leaf) for other
+    models. A side with no leaves is allowed.
+
+    Example::
+
+        opt = chain(clip_by_global_norm(1.0), muon_with_adamw(0.02, 3e-3))
+        state = opt.init(params)   # (ClipState, PartitionState({"muon": (MuonState, ...), "adamw": AdamWState}))
+        params, state = step(opt, grads, state, params)
+    """
+    _check_range("muon_with_adamw", learning_rate, "learning_rate", 0.0, float("inf"))
+    if adam_learning_rate is None:
+        adam_learning_rate = learning_rate
+    return partition(
+        {"muon": _muon_chain(learning_rate, ns_coeffs, ns_steps, beta, eps, weight_decay, weight_decay_mask,
+                             mu_dtype, nesterov, adaptive, preconditioning, consistent_rms, ns_dtype),
+         "adamw": adamw(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay, adam_mask, impl=impl)},
+        param_labels, allow_unused=True)
+
+
 # --------------------------------------------------------------------------- masking, injection
 
 
@@ -842,7 +1501,9 @@ def inject_hyperparams(factory: Callable[..., Transform]) -> Callable[..., Trans
     def build(**kwargs):
         factory(**kwargs)  # validate the arguments once, as Python numbers
         numeric = {k: v for k, v in kwargs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        scheduled = {k: v for k, v in kwargs.items() if callable(v) and k != "mask"}
+        # Masks and label functions route leaves; they are not hyper-parameters of the step count.
+        scheduled = {k: v for k, v in kwargs.items()
+                     if callable(v) and k != "mask" and not k.endswith("_mask") and k != "param_labels"}
         static = {k: v for k, v in kwargs.items() if k not in numeric and k not in scheduled}
         current: dict = {}  # the values of the update in progress, read by the _Injected functions
         inner = factory(**static, **{k: _Injected(k, current) for k in (*numeric, *scheduled)})
@@ -881,3 +1542,633 @@ def inject_hyperparams(factory: Callable[..., Transform]) -> Callable[..., Trans
         return Transform(init, update, apply)
 
     return build
+
+
+# --------------------------------------------------------------------------- wrappers: finding a state
+
+
+def _find_state(opt_state: PyTree, cls: type, who: str, hint: str):
+    """The one ``cls`` state inside ``opt_state`` (through chain, masked, inject_hyperparams and the wrappers)."""
+    found = [s for s in optree.tree_flatten(opt_state, is_leaf=lambda x: isinstance(x, cls), none_is_leaf=True)[0]
+             if isinstance(s, cls)]
+    if len(found) != 1:
+        raise ValueError(f"{who}: opt_state holds {len(found) or 'no'} {cls.__name__}{'s' if found else ''}, it "
+                         f"needs exactly one. {hint}")
+    return found[0]
+
+
+def _f64(x) -> torch.Tensor:
+    """A hyper-parameter (a number or a 0-d tensor) as a 0-d float64 tensor."""
+    return x.to(torch.float64) if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=torch.float64)
+
+
+def _check_inner(who: str, inner) -> None:
+    if not isinstance(inner, Transform):
+        raise TypeError(f"{who}: the wrapped optimizer must be a Transform, got a {type(inner).__name__}; "
+                        f"e.g. {who}(adamw(1e-3), ...).")
+
+
+# --------------------------------------------------------------------------- schedule-free
+
+
+class ScaleByRmsState(NamedTuple):
+    """``count``: updates done so far (0-d int64); ``nu``: the second moment, shaped like params."""
+
+    count: torch.Tensor
+    nu: PyTree
+
+
+def _scale_by_rms(b2: float, eps: float) -> Transform:
+    r"""Adam without its first moment: :math:`g / (\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon)` (optax's
+    ``scale_by_rms(b2, eps, eps_in_sqrt=False, bias_correction=True)``), in :func:`scale_by_adam`'s float order."""
+    for name, value, high in (("b2", b2, 1.0), ("eps", eps, float("inf"))):
+        _check_number("schedule_free_adamw", value, name)
+        _check_range("schedule_free_adamw", value, name, 0.0, high)
+
+    def init(params):
+        return ScaleByRmsState(torch.zeros((), dtype=torch.int64), T.zeros_like(params))
+
+    def update(grads, state, params=None):
+        beta2, epsilon = _hyper(b2, state.count), _hyper(eps, state.count)
+        t = state.count + 1
+        bc2_sqrt = (1 - _power(beta2, t.to(torch.float64))) ** 0.5
+        nu = T.tree_map(lambda v, g: v * _like(beta2, v) + _like(1 - beta2, g) * g * g, state.nu, grads)
+        updates = T.tree_map(lambda g, v: g / (v.sqrt() / _like(bc2_sqrt, v) + _like(epsilon, v)), grads, nu)
+        return updates, ScaleByRmsState(t, nu)
+
+    return Transform(init, update)
+
+
+class ScheduleFreeState(NamedTuple):
+    r"""The state of :func:`schedule_free` (optax's fields; ``count`` is optax's ``step_count`` minus one).
+
+    ``b1``: the interpolation weight that formed the current params y (0-d
+    float64; :func:`schedule_free_eval_params` reads it); ``weight_sum``: the sum
+    of the averaging weights so far, :math:`\sum_i \gamma_{max,i}^{p}` (0-d
+    float64); ``count``: updates done (0-d int64); ``max_lr``: the largest
+    learning rate so far (0-d float64); ``base_optimizer_state``: the base
+    optimizer's state; ``z``: the z sequence, shaped like params (in
+    ``state_dtype`` when given).
+    """
+
+    b1: torch.Tensor
+    weight_sum: torch.Tensor
+    count: torch.Tensor
+    max_lr: torch.Tensor
+    base_optimizer_state: PyTree
+    z: PyTree
+
+
+def schedule_free(base_optimizer: Transform, learning_rate, b1: float = 0.9, weight_lr_power: float = 2.0,
+                  state_dtype: torch.dtype | None = None) -> Transform:
+    r"""Make ``base_optimizer`` schedule-free (Defazio et al. 2024, "The Road Less Scheduled"), as optax's
+    ``contrib.schedule_free``.
+
+    Three sequences: z, which the base optimizer steps; x, a weighted average of
+    the z's, the params to *evaluate*; and y, their interpolation, the params
+    the gradients are taken at -- the ``params`` this transform is given and
+    returns updates for. With :math:`\Delta_k` the base optimizer's update for
+    the gradient at :math:`y_k` and :math:`\gamma_k` the learning rate of update
+    :math:`k` (0-based: a schedule is called with the count of updates done,
+    as ``scale_by_learning_rate`` calls it; optax calls the wrapper's schedule
+    with :math:`k + 1` and the base optimizer's with :math:`k`):
+
+    .. math::
+
+        z_{k+1} &= z_k + \Delta_k, \qquad
+        x_k = \frac{y_k - (1-\beta_1)\, z_k}{\beta_1} \\
+        c_{k+1} &= \frac{\gamma_{max,k}^{\,p}}{\sum_{i \le k} \gamma_{max,i}^{\,p}}, \qquad
+        \gamma_{max,k} = \max_{i \le k} \gamma_i \\
+        x_{k+1} &= (1 - c_{k+1})\, x_k + c_{k+1}\, z_{k+1}, \qquad
+        y_{k+1} = \beta_1 x_{k+1} + (1-\beta_1)\, z_{k+1}
+
+    with :math:`p` = ``weight_lr_power`` and :math:`y_0 = z_0 = x_0` the initial
+    params. x is not stored: it is recovered from y and z (so the memory is the
+    base optimizer's plus one copy of params), and the update returned is
+    :math:`y_{k+1} - y_k`. For evaluation, take x:
+    ``schedule_free_eval_params(state, params)``. A weight that is 0/0 (a zero
+    learning rate so far) counts as 0, as in optax.
+
+    The base optimizer should have no momentum (the interpolation replaces it)
+    and must see the same learning rate :math:`\gamma_k` (pass it the same
+    schedule). Defaults are optax's (``b1`` 0.9, ``weight_lr_power`` 2: the
+    paper's weighting, which discounts the small warm-up steps). ``b1`` must be
+    in (0, 1]: x is recovered by dividing by it.
+
+    Example::
+
+        base = chain(scale_by_learning_rate(0.1))        # SGD without momentum
+        opt = schedule_free(base, 0.1, b1=0.9)
+        state = opt.init(params)
+        updates, state = opt.update(grads, state, params)
+        params = apply_updates(params, updates)            # y: where the next gradient is taken
+        x = schedule_free_eval_params(state, params)       # x: what to evaluate
+    """
+    _check_inner("schedule_free", base_optimizer)
+    _check_range("schedule_free", learning_rate, "learning_rate", 0.0, float("inf"))
+    for name, value in (("b1", b1), ("weight_lr_power", weight_lr_power)):
+        _check_number("schedule_free", value, name)
+    if isinstance(b1, (int, float)) and not 0 < b1 <= 1:
+        raise ValueError(f"schedule_free: b1 must lie in (0, 1], got {b1}; the evaluation params are "
+                         "(y - (1 - b1) z) / b1. optax's default is 0.9.")
+
+    def init(params):
+        zero = torch.zeros((), dtype=torch.int64)
+        z = T.tree_map(lambda p: p.to(state_dtype or p.dtype, copy=True), params)  # never an alias of params
+        return ScheduleFreeState(b1=_f64(_hyper(b1, zero)), weight_sum=torch.zeros((), dtype=torch.float64),
+                                 count=zero, max_lr=torch.zeros((), dtype=torch.float64),
+                                 base_optimizer_state=base_optimizer.init(params), z=z)
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("schedule_free: update needs the current params y; call update(grads, state, params).")
+        lr = _f64(_hyper(learning_rate, state.count))
+        beta1 = _f64(_hyper(b1, state.count))
+        max_lr = torch.maximum(state.max_lr, lr)
+        weight = max_lr ** _hyper(weight_lr_power, state.count)
+        weight_sum = state.weight_sum + weight
+        ck = torch.where(torch.isnan(weight) | torch.isnan(weight_sum), torch.full_like(weight, math.nan),
+                         torch.nan_to_num(weight / weight_sum, nan=0.0, posinf=math.inf))
+        base_updates, base_state = base_optimizer.update(grads, state.base_optimizer_state, params)
+        z = T.tree_map(lambda zi, u: (zi + u).to(zi.dtype), state.z, base_updates)
+
+        def new_y(y, z_old, z_new):
+            x_old = (y - _like(1 - state.b1, y) * z_old) / _like(state.b1, y)  # the b1 that formed y
+            x = _like(1 - ck, x_old) * x_old + _like(ck, x_old) * z_new
+            return _like(beta1, x) * x + _like(1 - beta1, x) * z_new - y
+
+        updates = T.tree_map(new_y, params, state.z, z)
+        return updates, ScheduleFreeState(beta1, weight_sum, state.count + 1, max_lr, base_state, z)
+
+    return Transform(init, update)
+
+
+def schedule_free_eval_params(state: PyTree, params: PyTree) -> PyTree:
+    r"""The params to evaluate a :func:`schedule_free` model at: :math:`x = (y - (1-\beta_1) z) / \beta_1`.
+
+    ``params`` are the training params y (what the updates were applied to);
+    ``state`` is the optimizer state holding one :class:`ScheduleFreeState`
+    (alone, or inside a chain or another wrapper). Each leaf keeps its dtype.
+
+    Example::
+
+        opt = schedule_free_adamw(1e-3, warmup_steps=100)
+        state = opt.init(params)
+        updates, state = opt.update(grads, state, params)
+        params = apply_updates(params, updates)
+        eval_params = schedule_free_eval_params(state, params)
+    """
+    s = _find_state(state, ScheduleFreeState, "schedule_free_eval_params",
+                    "Pass the state of schedule_free / schedule_free_adamw (or of a chain holding one).")
+    return T.tree_map(lambda y, z: ((y - _like(1 - s.b1, y) * z) / _like(s.b1, y)).to(y.dtype), params, s.z)
+
+
+def _warmed_up(learning_rate, warmup_steps: int):
+    """``learning_rate`` times ``min(1, (k + 1) / warmup_steps)`` at update ``k``; unchanged without warm-up."""
+    if not warmup_steps:
+        return learning_rate
+
+    def schedule(count):
+        ramp = ((torch.as_tensor(count).to(torch.float64) + 1) / warmup_steps).clamp(max=1.0)
+        return _hyper(learning_rate, count) * ramp
+
+    return schedule
+
+
+def schedule_free_adamw(learning_rate=0.0025, warmup_steps: int = 0, b1: float = 0.9, b2: float = 0.999,
+                        eps: float = 1e-8, weight_decay: float = 0.0, weight_lr_power: float = 2.0,
+                        state_dtype: torch.dtype | None = None, *, mask=None) -> Transform:
+    r"""Schedule-free AdamW (Defazio et al. 2024), as optax's ``contrib.schedule_free_adamw``.
+
+    :func:`schedule_free` around AdamW without momentum,
+    ``chain(<rms scaling>, add_decayed_weights(weight_decay, mask), scale_by_learning_rate(γ))``:
+
+    .. math::
+
+        v &\leftarrow \beta_2 v + (1-\beta_2)\, g^2, \qquad
+        \Delta_k = -\gamma_k \Big(\frac{g}{\sqrt{v}/\sqrt{1-\beta_2^{k+1}} + \epsilon} + \lambda\, y_k\Big) \\
+        \gamma_k &= \eta \min\!\big(1, (k+1)/w\big)
+
+    then z, x and y as in :func:`schedule_free` (``b1`` is the interpolation
+    weight :math:`\beta_1` there, not a momentum). The gradient and the weight
+    decay are taken at y, the ``params`` of the train step; evaluate at x,
+    ``schedule_free_eval_params(state, params)``. ``learning_rate`` :math:`\eta`
+    is a number, a 0-d tensor or a schedule (called with the update count);
+    with ``warmup_steps`` :math:`w > 0` it is ramped linearly, the first update
+    already getting :math:`\eta / w` (as :func:`~minillm_func.schedules.wsd` and
+    ``warmup_cosine`` do). Defaults are optax's: no decay schedule is needed,
+    which is the method's point.
+
+    Differences from optax, both about warm-up:
+
+    - ``warmup_steps=0`` means no warm-up (optax's ``None``; optax's ``0`` gives
+      a learning rate of 0 for ever);
+    - the z step and the averaging weight use the same :math:`\gamma_k`, as in
+      the paper's Algorithm 1 (:math:`\gamma_t = \gamma \min(1, t/T_{warmup})`,
+      :math:`t` 1-based, for both). optax evaluates
+      its warm-up at :math:`k` for the z step (so its first update has
+      learning rate 0 and moves nothing) and at :math:`k+1` for the weight.
+      Without warm-up the two agree exactly.
+
+    ``mask`` (as in :func:`adamw`) excludes leaves from weight decay;
+    ``state_dtype`` keeps z in another dtype (e.g. float32 for bfloat16 params).
+
+    Example::
+
+        opt = schedule_free_adamw(1e-3, warmup_steps=100, weight_decay=0.01)
+        state = opt.init(params)
+        updates, state = opt.update(grads, state, params)   # grads taken at params = y
+        params = apply_updates(params, updates)
+        eval_params = schedule_free_eval_params(state, params)   # x, for validation and export
+    """
+    if warmup_steps is None:  # optax's spelling of "no warm-up"
+        warmup_steps = 0
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"schedule_free_adamw: warmup_steps must be an int >= 0 (0: no warm-up), got "
+                         f"{warmup_steps!r}.")
+    _check_range("schedule_free_adamw", learning_rate, "learning_rate", 0.0, float("inf"))
+    lr = _warmed_up(learning_rate, warmup_steps)
+    base = chain(_scale_by_rms(b2, eps), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))
+    return schedule_free(base, lr, b1=b1, weight_lr_power=weight_lr_power, state_dtype=state_dtype)
+
+
+# --------------------------------------------------------------------------- moving averages
+
+
+class EmaState(NamedTuple):
+    """``count``: updates done (0-d int64); ``ema``: the moving average of the updates (``accumulator_dtype``
+    when given, else the params' dtypes)."""
+
+    count: torch.Tensor
+    ema: PyTree
+
+
+def ema(decay: float, debias: bool = True, accumulator_dtype: torch.dtype | None = None) -> Transform:
+    r"""An exponential moving average of the *updates* (optax's ``ema``): momentum in its ``(1 - decay)`` form.
+
+    .. math::
+
+        e_t = \delta\, e_{t-1} + (1-\delta)\, g_t, \qquad
+        u_t = e_t / (1 - \delta^t) \;\text{(debias)} \quad\text{or}\quad e_t
+
+    with :math:`e_0 = 0` and :math:`t` the incremented count. The debiasing
+    makes the first outputs an average rather than a shrunk sum. The state
+    keeps :math:`e_t` in ``accumulator_dtype`` (the updates returned are not
+    cast). To average the *params* for evaluation, see :func:`ema_params`.
+
+    Example::
+
+        opt = chain(ema(0.9), scale_by_learning_rate(1e-2))   # SGD with (debiased) EMA momentum
+        updates, state = opt.update(grads, opt.init(params), params)
+    """
+    _check_number("ema", decay, "decay")
+    _check_range("ema", decay, "decay", 0.0, 1.0)
+
+    def init(params):
+        return EmaState(torch.zeros((), dtype=torch.int64),
+                        T.tree_map(lambda p: torch.zeros_like(p, dtype=accumulator_dtype), params))
+
+    def update(updates, state, params=None):
+        d = _hyper(decay, state.count)
+        t = state.count + 1
+
+        def average(u, e):  # in the wider of the two dtypes (a bfloat16 (1 - d) u would lose the update)
+            u, e = (x.to(torch.promote_types(u.dtype, e.dtype)) for x in (u, e))
+            return _like(1 - d, u) * u + _like(d, e) * e
+
+        new = T.tree_map(average, updates, state.ema)
+        out = new
+        if debias:
+            bc = 1 - _power(d, t.to(torch.float64))
+            out = T.tree_map(lambda e: e / _like(bc, e), new)
+        return out, EmaState(t, T.tree_map(lambda e, old: e.to(old.dtype), new, state.ema))
+
+    return Transform(init, update)
+
+
+class EmaParamsState(NamedTuple):
+    """``count``: updates done (0-d int64); ``ema``: the moving average of the params after each update
+    (``accumulator_dtype`` when given, else the params' dtypes)."""
+
+    count: torch.Tensor
+    ema: PyTree
+
+
+def ema_params(decay: float, accumulator_dtype: torch.dtype | None = None) -> Transform:
+    r"""Keep an exponential moving average of the *params* in the state; pass the updates through unchanged.
+
+    Polyak averaging (optax's ``incremental_update`` with ``step_size = 1 - decay``),
+    of the params each update produces, :math:`p_t = p_{t-1} + u_t`:
+
+    .. math::
+
+        \bar p_0 = p_0, \qquad \bar p_t = \delta\, \bar p_{t-1} + (1-\delta)\, p_t
+
+    so :math:`\bar p_t = \delta^t p_0 + (1-\delta)\sum_{i=1}^{t} \delta^{t-i} p_i`
+    (starting from the initial params, as ``torch.optim.swa_utils.AveragedModel``
+    with ``get_ema_multi_avg_fn`` does: no debiasing is needed). Put it **last**
+    in a chain: it must see the final updates. ``update`` needs ``params``.
+    Read the average with :func:`averaged_params`. The cost: one more copy of
+    the params, one pass over them per update, and, through :func:`step`, the
+    parts before it take their ``update`` path (a chain runs only its last
+    part's fast ``apply``, so adamw's fused kernels are not used). ``accumulator_dtype`` keeps it
+    in another dtype (e.g. float32 for bfloat16 params, where a decay of 0.999
+    would otherwise round every small change away). This differs from
+    :func:`ema`, optax's EMA of the *updates*.
+
+    Example::
+
+        opt = chain(clip_by_global_norm(1.0), adamw(1e-3), ema_params(0.999))
+        state = opt.init(params)
+        params, state = step(opt, grads, state, params)
+        eval_params = averaged_params(state)
+    """
+    _check_number("ema_params", decay, "decay")
+    _check_range("ema_params", decay, "decay", 0.0, 1.0)
+
+    def init(params):
+        return EmaParamsState(torch.zeros((), dtype=torch.int64),
+                              T.tree_map(lambda p: p.to(accumulator_dtype or p.dtype, copy=True), params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("ema_params: update needs the params it averages; call update(grads, state, params).")
+        d = _hyper(decay, state.count)
+        new_params = apply_updates(params, updates)  # exactly the params the caller gets
+        avg = T.tree_map(lambda e, p: e.lerp(p.to(e.dtype), _like(1 - d, e)), state.ema, new_params)
+        return updates, EmaParamsState(state.count + 1, avg)
+
+    return Transform(init, update)
+
+
+def averaged_params(opt_state: PyTree) -> PyTree:
+    """The moving average of the params that the :func:`ema_params` inside ``opt_state`` keeps.
+
+    Example::
+
+        opt = chain(adamw(1e-3), ema_params(0.99))
+        state = opt.init(params)
+        params, state = step(opt, grads, state, params)
+        averaged_params(state)      # 0.99 * initial params + 0.01 * new params
+    """
+    return _find_state(opt_state, EmaParamsState, "averaged_params",
+                       "Build the optimizer with ema_params(decay) as the last part of its chain.").ema
+
+
+# --------------------------------------------------------------------------- lookahead
+
+
+class LookaheadState(NamedTuple):
+    """``fast_state``: the fast optimizer's state; ``steps_since_sync``: fast steps since the last
+    synchronisation (0-d int64, in ``[0, sync_period)``); ``slow``: the slow params, shaped like params
+    (optax keeps them in ``LookaheadParams.slow``; here the params are the fast ones only)."""
+
+    fast_state: PyTree
+    steps_since_sync: torch.Tensor
+    slow: PyTree
+
+
+def lookahead(fast_optimizer: Transform, sync_period: int, slow_step_size: float,
+              reset_state: bool = False) -> Transform:
+    r"""Lookahead (Zhang et al. 2019, "k steps forward, 1 step back"), as optax's ``lookahead``.
+
+    The ``params`` are the *fast* weights (take gradients there); the slow
+    weights live in the state (``lookahead_slow_params(state)``: evaluate
+    there). With :math:`u` the fast optimizer's update, :math:`k` =
+    ``sync_period`` and :math:`\alpha` = ``slow_step_size``, every update is a
+    fast step, and every :math:`k`-th also a synchronisation:
+
+    .. math::
+
+        d &= \phi + u - \theta, \qquad
+        \theta \leftarrow \theta + \alpha\, d, \qquad
+        \phi \leftarrow \theta \quad\text{(the update returned is } u - (1-\alpha)\, d)
+
+    (:math:`\phi` fast, :math:`\theta` slow; between synchronisations the update
+    is :math:`u` and :math:`\theta` stays). The same numbers as optax, whose
+    params are ``LookaheadParams(fast, slow)``: our ``params`` are its
+    ``params.fast``, our ``state.slow`` its ``params.slow``, our ``state.fast_state``
+    and ``steps_since_sync`` its state's. As there, the updates must be applied
+    unchanged (put lookahead last), else fast and slow weights drift apart.
+    ``reset_state`` re-initialises the fast optimizer's state at each
+    synchronisation. The paper's defaults are :math:`k = 5`, :math:`\alpha = 0.5`.
+
+    Example::
+
+        opt = lookahead(adamw(1e-3), sync_period=5, slow_step_size=0.5)
+        state = opt.init(params)
+        params, state = step(opt, grads, state, params)    # params: the fast weights
+        eval_params = lookahead_slow_params(state)
+    """
+    _check_inner("lookahead", fast_optimizer)
+    if isinstance(sync_period, bool) or not isinstance(sync_period, int) or sync_period < 1:
+        raise ValueError(f"lookahead: sync_period must be an int >= 1 (fast steps per synchronisation), got "
+                         f"{sync_period!r}; the paper uses 5.")
+    _check_number("lookahead", slow_step_size, "slow_step_size")
+    if isinstance(slow_step_size, (int, float)) and not 0 <= slow_step_size <= 1:
+        raise ValueError(f"lookahead: slow_step_size must lie in [0, 1], got {slow_step_size}; the paper uses 0.5.")
+
+    def init(params):
+        return LookaheadState(fast_optimizer.init(params), torch.zeros((), dtype=torch.int64),
+                              T.tree_map(lambda p: p.clone(), params))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("lookahead: update needs the fast params; call update(grads, state, params).")
+        updates, fast_state = fast_optimizer.update(grads, state.fast_state, params)
+        sync = state.steps_since_sync == sync_period - 1
+        alpha = _hyper(slow_step_size, state.steps_since_sync)
+        diff = T.tree_map(lambda f, u, s: f + u - s, params, updates, state.slow)
+        slow = T.tree_map(lambda s, d: torch.where(sync, s + _like(alpha, d) * d, s), state.slow, diff)
+        updates = T.tree_map(lambda u, d: torch.where(sync, u - _like(1 - alpha, d) * d, u), updates, diff)
+        if reset_state:
+            fast_state = T.select(sync, fast_optimizer.init(params), fast_state)
+        return updates, LookaheadState(fast_state, (state.steps_since_sync + 1) % sync_period, slow)
+
+    return Transform(init, update)
+
+
+def lookahead_slow_params(opt_state: PyTree) -> PyTree:
+    """The slow weights of the :func:`lookahead` inside ``opt_state`` (optax's ``params.slow``): the
+    params to evaluate.
+
+    Example::
+
+        opt = lookahead(adamw(1e-3), sync_period=2, slow_step_size=0.5)
+        state = opt.init(params)
+        for _ in range(2):
+            params, state = step(opt, grads, state, params)
+        lookahead_slow_params(state)    # equal to params (to rounding) right after a synchronisation
+    """
+    return _find_state(opt_state, LookaheadState, "lookahead_slow_params",
+                       "Build the optimizer with lookahead(fast_optimizer, sync_period, slow_step_size).").slow
+
+
+# --------------------------------------------------------------------------- skipping bad updates
+
+
+class ApplyIfFiniteState(NamedTuple):
+    """The state of :func:`apply_if_finite` (optax's fields).
+
+    ``notfinite_count``: consecutive updates with a non-finite gradient, reset
+    by a finite one (0-d int64); ``last_finite``: whether the last gradient was
+    finite (0-d bool); ``total_notfinite``: non-finite gradients since
+    ``init``, never reset (0-d int64); ``inner_state``: the wrapped optimizer's
+    state.
+    """
+
+    notfinite_count: torch.Tensor
+    last_finite: torch.Tensor
+    total_notfinite: torch.Tensor
+    inner_state: PyTree
+
+
+def _skipping(inner: Transform, state_cls: type, judge: Callable, init_extra: Callable) -> Transform:
+    """A wrapper that runs ``inner`` only where ``judge(grads, state) -> (apply, counters)`` says so:
+    otherwise zero updates and the inner state unchanged. Both outcomes are computed and one is selected
+    (``torch.where``): no host sync, no Python branch on a value. Its fast ``apply`` hands the decision to
+    :func:`step`'s ``skip``, so the inner fused kernels still run (and write nothing when skipped)."""
+    def init(params):
+        return state_cls(*init_extra(params), inner.init(params))
+
+    def update(grads, state, params=None):
+        ok, counters = judge(grads, state)
+        updates, new_inner = inner.update(grads, state.inner_state, params)
+        updates = T.tree_map(lambda u: torch.where(ok, u, u.new_zeros(())), updates)
+        return updates, state_cls(*counters, T.select(ok, new_inner, state.inner_state))
+
+    def apply(grads, state, params, *, donate=False, skip=None):
+        ok, counters = judge(grads, state)
+        inner_skip = ~ok if skip is None else ~ok | skip
+        new_params, new_inner = step(inner, grads, state.inner_state, params, donate=donate, skip=inner_skip)
+        if skip is not None:
+            counters = T.select(skip, tuple(state[:-1]), tuple(counters))
+        return new_params, state_cls(*counters, new_inner)
+
+    return Transform(init, update, apply)
+
+
+def apply_if_finite(inner: Transform, max_consecutive_errors: int) -> Transform:
+    r"""Skip updates whose gradients hold an inf or a NaN, as optax's ``apply_if_finite``.
+
+    With :math:`n` the count of consecutive non-finite gradients (reset to 0 by
+    a finite one) and :math:`M` = ``max_consecutive_errors``: the inner update
+    is applied when the gradients are finite or :math:`n > M` (it gives up:
+    after :math:`M` skipped updates in a row, the :math:`(M+1)`-th goes through,
+    NaN and all, so a run that diverges for good fails loudly instead of
+    stalling silently). Otherwise the updates are zeros and the inner state
+    stays exactly as it was. The counters live in :class:`ApplyIfFiniteState`.
+
+    Both outcomes are computed and one selected with ``torch.where``: no host
+    sync, vmappable, compilable. Through :func:`step` the inner fast ``apply``
+    runs with the decision as its ``skip`` flag (the fused kernels write
+    nothing when skipped). Compared with the loss scaler's skip
+    (``minillm_func.amp``), this one lives in the optimizer state and needs no
+    scaler.
+
+    Example::
+
+        opt = apply_if_finite(chain(clip_by_global_norm(1.0), adamw(1e-3)), max_consecutive_errors=5)
+        state = opt.init(params)
+        bad = {k: torch.full_like(g, float("nan")) for k, g in grads.items()}
+        new, state = step(opt, bad, state, params)     # skipped: new == params
+        int(state.notfinite_count), bool(state.last_finite)    # (1, False)
+    """
+    _check_inner("apply_if_finite", inner)
+    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) \
+            or max_consecutive_errors < 0:
+        raise ValueError(f"apply_if_finite: max_consecutive_errors must be an int >= 0 (how many non-finite "
+                         f"updates in a row to skip before giving up), got {max_consecutive_errors!r}.")
+
+    def init_extra(params):
+        zero = torch.zeros((), dtype=torch.int64)
+        return zero, torch.ones((), dtype=torch.bool), zero.clone()
+
+    def judge(grads, state):
+        finite = T.all_finite(grads)
+        count = torch.where(finite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1)
+        total = torch.where(finite, state.total_notfinite, state.total_notfinite + 1)
+        return finite | (count > max_consecutive_errors), (count, finite, total)
+
+    return _skipping(inner, ApplyIfFiniteState, judge, init_extra)
+
+
+class SkipLargeUpdatesState(NamedTuple):
+    """The state of :func:`skip_large_updates`.
+
+    ``should_skip``: whether the last update was skipped (0-d bool);
+    ``norm_squared``: the squared global norm of the last gradients (0-d, float64
+    for float64 params, else float32; optax's ``skip_state``'s two entries);
+    ``total_skipped``: updates skipped since ``init`` (0-d int64);
+    ``inner_state``: the wrapped optimizer's state.
+    """
+
+    should_skip: torch.Tensor
+    norm_squared: torch.Tensor
+    total_skipped: torch.Tensor
+    inner_state: PyTree
+
+
+def skip_large_updates(inner: Transform, max_squared_norm=None, *, max_norm=None) -> Transform:
+    r"""Skip updates whose incoming gradients are too large (or not finite).
+
+    With :math:`g` the gradients this wrapper receives (before ``inner``):
+    skip when :math:`\lnot(\|g\|^2 < \texttt{max\_squared\_norm})` -- or
+    :math:`\lnot(\|g\| < \texttt{max\_norm})` -- which also skips a NaN or an
+    inf. A skipped update returns zeros and leaves the inner state exactly as
+    it was. The global norm is measured as :func:`clip_by_global_norm` does.
+
+    This is optax's ``skip_large_updates`` predicate as a wrapper:
+    ``skip_large_updates(inner, M)`` updates like
+    ``optax.MultiSteps(inner, every_k_schedule=1,
+    should_skip_update_fn=functools.partial(optax.skip_large_updates, max_squared_norm=M))``.
+    Give exactly one of ``max_squared_norm`` (optax's argument) and ``max_norm``.
+    Selection by ``torch.where`` (no host sync); through :func:`step` the
+    decision reaches the inner fast ``apply`` as its ``skip`` flag.
+
+    Example::
+
+        opt = skip_large_updates(adamw(1e-3), max_norm=100.0)
+        state = opt.init(params)
+        huge = {k: g * 1e6 for k, g in grads.items()}
+        new, state = step(opt, huge, state, params)    # skipped: new == params
+        bool(state.should_skip), int(state.total_skipped)    # (True, 1)
+    """
+    _check_inner("skip_large_updates", inner)
+    if (max_squared_norm is None) == (max_norm is None):
+        raise ValueError("skip_large_updates: give exactly one bound, e.g. skip_large_updates(inner, "
+                         "max_squared_norm=1e4) (optax's argument) or skip_large_updates(inner, max_norm=100.0).")
+    name, bound = ("max_squared_norm", max_squared_norm) if max_norm is None else ("max_norm", max_norm)
+    _check_number("skip_large_updates", bound, name)
+    if isinstance(bound, (int, float)) and not bound > 0:
+        raise ValueError(f"skip_large_updates: {name} must be positive, got {bound}.")
+
+    def init_extra(params):
+        return (torch.zeros((), dtype=torch.bool), torch.zeros((), dtype=_float_dtype(params)),
+                torch.zeros((), dtype=torch.int64))
+
+    def judge(grads, state):
+        norm = T.global_norm(grads)
+        norm_sq = norm * norm
+        small = norm < _hyper(bound, None) if max_norm is not None else norm_sq < _hyper(bound, None)
+        skipped = ~small
+        counters = (skipped, norm_sq.to(state.norm_squared.dtype), state.total_skipped + skipped.to(torch.int64))
+        return small, counters
+
+    return _skipping(inner, SkipLargeUpdatesState, judge, init_extra)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluation_params(opt_state: PyTree, params: PyTree) -> PyTree:
+    """The params to evaluate, generate from and export: the ones the optimizer's state says are the model.
+
+    For a schedule-free optimizer (:func:`schedule_free`, :func:`schedule_free_adamw`,
+    alone or inside a chain) the training params are the iterate :math:`y` where
+    gradients are taken, and the model is the average :math:`x`
+    (:func:`schedule_free_eval_params`); for every other optimizer, ``params`` themselves.
+    """
+    found = [s for s in optree.tree_flatten(opt_state, is_leaf=lambda x: isinstance(x, ScheduleFreeState),
+                                            none_is_leaf=True)[0] if isinstance(s, ScheduleFreeState)]
+    return schedule_free_eval_params(opt_state, params) if found else params
