@@ -79,7 +79,14 @@ TRAIN_SETTINGS = {
     "learning_rate": (None, float, "peak learning rate (default: 1e-4; 5e-5 for sft)"),
     "weight_decay": (0.01, float, "AdamW weight decay"),
     "max_grad_norm": (1.0, float, "global-norm clipping (0: none)"),
-    "schedule": (None, str, "'cosine' (torch's CosineAnnealingLR over T_max) or 'warmup_cosine' "
+    "optimizer": ("adamw", str, "adamw; muon (Muon on the blocks' matrices, AdamW at --adam-learning-rate on "
+                                "embeddings, head and norms; --learning-rate default 0.02); or schedule_free "
+                                "(schedule-free AdamW: no decay schedule, evaluated at its average)"),
+    "adam_learning_rate": (None, float, "with --optimizer muon: the AdamW part's learning rate (default: the "
+                                        "stage's AdamW default)"),
+    "schedule": (None, str, "'cosine' (torch's CosineAnnealingLR over T_max), 'warmup_cosine', 'wsd' (warm-up, "
+                            "stable, linear cool-down over the last 20%%), 'linear' (decay to 0) or 'constant' "
+                            "(schedule_free's only one); "
                             "(default: warmup_cosine when --warmup-steps > 0, else cosine)"),
     "T_max": (None, int, "cosine annealing period (default: the run's number of updates)"),
     "warmup_steps": (0, int, "linear warm-up updates; > 0 selects warmup_cosine"),
@@ -126,6 +133,9 @@ TRAIN_SETTINGS = {
     "threads": (None, int, "CPU threads for torch (default: torch's choice; 1 is best on a busy machine)"),
     "dist_timeout": (60.0, float, "seconds a data-parallel peer may stay silent before the run stops"),
 }
+
+OPTIMIZERS = ("adamw", "muon", "schedule_free")
+SCHEDULES = ("cosine", "warmup_cosine", "wsd", "linear", "constant")
 
 # Settings that mean something for some stages only: given for another stage, they are refused.
 STAGE_ONLY = {
@@ -344,11 +354,18 @@ def _validate(s: dict, kind: str) -> None:
         need(math.isfinite(s[name]) and s[name] >= 0, f"{_flag(name)} must be a finite number >= 0, got {s[name]}.")
     need(math.isfinite(s["dist_timeout"]) and s["dist_timeout"] > 0,
          f"--dist-timeout must be a positive number of seconds, got {s['dist_timeout']}.")
-    need(s["schedule"] in ("cosine", "warmup_cosine"),
-         f"--schedule must be 'cosine' or 'warmup_cosine', got {s['schedule']!r}.")
-    need(not (s["schedule"] == "cosine" and s["warmup_steps"] > 0),
-         f"--warmup-steps {s['warmup_steps']} needs the warmup_cosine schedule, but --schedule cosine was given; "
-         "drop --schedule (warm-up selects warmup_cosine) or drop --warmup-steps.")
+    need(s["optimizer"] in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {s['optimizer']!r}.")
+    need(s["schedule"] in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {s['schedule']!r}.")
+    need(s["optimizer"] != "schedule_free" or s["schedule"] == "constant",
+         f"--optimizer schedule_free replaces the decay schedule (its warm-up is --warmup-steps); drop "
+         f"--schedule {s['schedule']}.")
+    need(s["adam_learning_rate"] is None or s["optimizer"] == "muon",
+         "--adam-learning-rate sets the AdamW part of --optimizer muon; add --optimizer muon or drop it.")
+    need(s["adam_learning_rate"] is None or (math.isfinite(s["adam_learning_rate"]) and s["adam_learning_rate"] > 0),
+         f"--adam-learning-rate must be a positive, finite number, got {s['adam_learning_rate']}.")
+    need(not (s["schedule"] in ("cosine", "linear") and s["warmup_steps"] > 0),
+         f"--warmup-steps {s['warmup_steps']} needs a schedule with a warm-up (warmup_cosine, wsd, constant), but "
+         f"--schedule {s['schedule']} was given; drop --schedule (warm-up selects warmup_cosine) or --warmup-steps.")
     need(s["schedule"] == "cosine" or s["warmup_steps"] < s["steps"],
          f"--warmup-steps ({s['warmup_steps']}) must be smaller than the run's {s['steps']} updates.")
     need(s["precision"] in ("fp32", "bf16", "fp16"),
@@ -466,6 +483,11 @@ def _load_checkpoint(path: str | Path, what: str = "--ckpt"):
     tok = load_tokenizer(meta.get("tokenizer", {"type": "byte"}))
     if _lora_of(meta) is not None:  # adapters only: the model is the base with them merged in
         state = _Params(_merge_lora(state.params, meta, folder))
+    elif hasattr(state, "opt_state"):  # a schedule-free run's model is its average, not the training iterate
+        from .optim import evaluation_params
+        params = evaluation_params(state.opt_state, state.params)
+        if params is not state.params:
+            state = _Params(params)
     return state, meta, model, tok, folder
 
 
@@ -555,13 +577,16 @@ def _resolve(s: dict, kind: str, init_meta: dict | None, what: str = "--init") -
     s["max_length"] = DEFAULT_MAX_LENGTH if s["max_length"] is None else s["max_length"]
     s["tokenizer"] = _FROM_SOURCE[what] if init_meta is not None else (s["tokenizer"] or "byte")
     if s["learning_rate"] is None:
-        s["learning_rate"] = default_learning_rate(kind)
+        s["learning_rate"] = 0.02 if s["optimizer"] == "muon" else default_learning_rate(kind)
+    if s["optimizer"] == "muon" and s["adam_learning_rate"] is None:
+        s["adam_learning_rate"] = default_learning_rate(kind)
     if s["beta"] is None:
         s["beta"] = 0.0 if kind == "grpo" else 0.1
     if s["loss_type"] is None:
         s["loss_type"] = "dapo" if kind == "grpo" else "sigmoid"
     if s["schedule"] is None:
-        s["schedule"] = "warmup_cosine" if s["warmup_steps"] > 0 else "cosine"
+        s["schedule"] = ("constant" if s["optimizer"] == "schedule_free"
+                         else "warmup_cosine" if s["warmup_steps"] > 0 else "cosine")
     if s["steps"] is not None and s["epochs"] is not None:
         raise UsageError(f"give --steps ({s['steps']}) or --epochs ({s['epochs']}), not both.")
     return s
@@ -720,17 +745,14 @@ def _train(args) -> None:
         s["eval_every"] = max(1, s["steps"] // 10)
     _validate(s, args.kind)
 
-    schedule = None
-    if s["schedule"] == "warmup_cosine":
-        lr = s["learning_rate"]
-        schedule = schedules.warmup_cosine(lr, s["warmup_steps"], s["steps"], lr / 10)
+    schedule, optimizer = _schedule(s), _optimizer(s)
     precompute = args.kind == "dpo" and s["precompute_reference"]
     trainer = create_trainer(args.kind, model, learning_rate=s["learning_rate"], weight_decay=s["weight_decay"],
                              max_grad_norm=s["max_grad_norm"] or None, T_max=s["T_max"], schedule=schedule,
                              accumulation_steps=s["accumulation_steps"], precision=s["precision"],
                              beta=s["beta"], loss_type=_loss_types(s["loss_type"]),
                              loss_weights=_loss_weights(s["loss_weights"]), label_smoothing=s["label_smoothing"],
-                             precomputed_reference=precompute, compile=s["compile"],
+                             precomputed_reference=precompute, compile=s["compile"], optimizer=optimizer,
                              grad_sync=distributed.make_grad_sync() if world > 1 else None, lora=lora_cfg,
                              **(_grpo_options(s, tok) if args.kind == "grpo" else {}))
     if precompute:
@@ -827,6 +849,36 @@ def _load_data(path, tok, length: int, kind: str, pack):
             raise UsageError(f"{path} is a token folder (made by `prepare`), which is for pretraining, not {kind}.")
         return TokenShards(path, length, tokenizer=tok)
     return load_dataset(path, tok, length, kind=kind, pack=pack)
+
+
+def _schedule(s: dict):
+    """The learning-rate schedule ``--schedule`` names (None: the trainer's cosine over ``T_max``)."""
+    from . import schedules
+
+    lr, steps, warm = s["learning_rate"], s["steps"], s["warmup_steps"]
+    if s["schedule"] == "warmup_cosine":
+        return schedules.warmup_cosine(lr, warm, steps, lr / 10)
+    if s["schedule"] == "wsd":
+        return schedules.wsd(lr, steps, warmup_steps=warm)
+    if s["schedule"] == "linear":
+        return schedules.linear_decay(lr, steps)
+    if s["schedule"] == "constant":
+        return schedules.constant(lr)
+    return None
+
+
+def _optimizer(s: dict):
+    """What ``--optimizer`` names, as ``create_trainer(optimizer=)`` takes it (None: AdamW)."""
+    from . import optim
+
+    if s["optimizer"] == "muon":
+        ratio = s["adam_learning_rate"] / s["learning_rate"]  # the AdamW part follows the same schedule, scaled
+        return lambda lr: optim.muon_with_adamw(lr, lambda step: ratio * lr(step), weight_decay=s["weight_decay"],
+                                                adam_weight_decay=s["weight_decay"])
+    if s["optimizer"] == "schedule_free":
+        return lambda lr: optim.schedule_free_adamw(s["learning_rate"], warmup_steps=s["warmup_steps"],
+                                                    weight_decay=s["weight_decay"])
+    return None
 
 
 def _check_reward_columns(data, s: dict, where) -> None:

@@ -110,11 +110,12 @@ class Trainer:
         """
         totals: dict[str, float] = {}
         count_sum = 0.0
+        params = optim.evaluation_params(state.opt_state, state.params)  # schedule-free: the average
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 if self.prepare is not None:
                     batch = self.prepare(state, batch, i)
-                loss_sum, (count, metrics) = self.loss_fn(state.params, batch, state.extras)
+                loss_sum, (count, metrics) = self.loss_fn(params, batch, state.extras)
                 n = float(count)
                 count_sum += n
                 totals["loss"] = totals.get("loss", 0.0) + float(loss_sum)
@@ -339,6 +340,7 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
                    grad_path: str = "auto", adamw_impl: str = "auto", compile: bool | str | Callable = False,
                    loss_fn: Callable | None = None, grad_sync: Callable | None = None,
                    memory: MemoryConfig | None = None, lora: LoraConfig | None = None,
+                   optimizer: optim.Transform | Callable | None = None,
                    tokenizer=None, reward_fns: Sequence[Callable] | None = None, reward_weights=None,
                    num_generations: int = 8, max_completion_length: int = 32, temperature: float = 1.0,
                    top_p: float | None = None, top_k: int | None = None, scale_rewards: str = "group",
@@ -364,6 +366,15 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
     :class:`~minillm_func.lora.LoraConfig`) trains low-rank adapters over a frozen base:
     ``trainer.init(base_params)`` makes a state whose params are the adapters; a
     ``loss_fn`` given with it is written over the full params (base and adapters in one dict).
+
+    ``optimizer`` replaces AdamW (clipping by ``max_grad_norm`` still runs first): a
+    function ``schedule -> Transform``, called with the trainer's learning-rate schedule
+    (``learning_rate``, ``T_max``/``schedule`` as above), e.g.
+    ``optimizer=lambda lr: optim.muon_with_adamw(lr, adam_learning_rate=3e-3)``; or a
+    ready ``Transform``, used as it is -- the metrics' ``lr`` is then ``schedule(step)``
+    when a ``schedule`` is given, else ``learning_rate`` when given, else NaN (the
+    trainer cannot see inside it). A schedule-free optimizer is evaluated at its average:
+    :meth:`Trainer.evaluate` uses :func:`~minillm_func.optim.evaluation_params`.
 
     "grpo" (online RL, :mod:`minillm_func.rl`): batches are prompt batches of a
     ``PromptDataset``; for each, the trainer's ``prepare`` samples ``num_generations``
@@ -449,9 +460,23 @@ def create_trainer(kind: str, model: Model, *, learning_rate: float | None = Non
                                                   pair_logps(ref_head, base, batch)[:2]))) if needs_reference else None
         loss_fn = lora_objective(loss_fn, lora, reference=reference)
         needs_reference = False
-    adamw = optim.adamw(lr_schedule, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay,
-                        mask=decay_mask, impl=adamw_impl)
-    optimizer = optim.chain(optim.clip_by_global_norm(max_grad_norm), adamw) if max_grad_norm else optim.chain(adamw)
+    if optimizer is None:
+        update_rule = optim.adamw(lr_schedule, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay,
+                                  mask=decay_mask, impl=adamw_impl)
+    elif isinstance(optimizer, optim.Transform):
+        update_rule = optimizer
+        if schedule is None:  # what the metrics report: the trainer cannot read a rate out of a Transform
+            lr_schedule = schedules.constant(learning_rate) if learning_rate is not None else None
+    elif callable(optimizer):
+        update_rule = optimizer(lr_schedule)
+        if not isinstance(update_rule, optim.Transform):
+            raise TypeError(f"create_trainer: optimizer(schedule) returned a {type(update_rule).__name__}, not a "
+                            "Transform; e.g. optimizer=lambda lr: optim.muon_with_adamw(lr).")
+    else:
+        raise TypeError(f"create_trainer: optimizer must be a Transform or a function schedule -> Transform, got "
+                        f"{type(optimizer).__name__}.")
+    optimizer = (optim.chain(optim.clip_by_global_norm(max_grad_norm), update_rule) if max_grad_norm
+                 else optim.chain(update_rule))
     scaling = (policy.compute_dtype == torch.float16) if loss_scaling is None else loss_scaling
     step = make_train_step(loss_fn, optimizer, accumulation_steps=accumulation_steps, loss_scaling=scaling,
                            lr_schedule=lr_schedule, grad_path=grad_path, sync=grad_sync)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -460,3 +461,37 @@ def test_a_tokenizer_file_without_our_special_tokens_is_one_line(files, capsys):
     code, _, err = run(capsys, "train", "pretrain", "--data", "pre.txt", "--out", "r", "--steps", "1",
                        "--tokenizer", "other.json", *TINY)
     assert_one_line_error(code, err, expect_code=1, contains=["no <bos>, <eos> token"])
+
+
+@pytest.mark.parametrize("optimizer", [["--optimizer", "muon", "--schedule", "cosine", "--T-max", "10"],
+                                       ["--optimizer", "schedule_free", "--warmup-steps", "2"],
+                                       ["--schedule", "wsd", "--warmup-steps", "1", "--T-max", "10"]])
+def test_other_optimizers_and_schedules_resume_bit_identically(files, capsys, optimizer):
+    steps = ["--steps", "6", "--keep-last", "9"] if "wsd" in optimizer else ["--steps", "3"]  # wsd: shaped by the length
+    code, _, err = run(capsys, "train", "pretrain", "--data", "pre.txt", "--out", "r", *steps, "--checkpoint-every",
+                       "1", *optimizer, *TINY)
+    assert code == 0, err
+    if "wsd" in optimizer:  # cut the run back to update 3 by hand: the newest checkpoints go
+        for name in ("step-000004", "step-000005", "step-000006"):
+            shutil.rmtree(files / "r" / "checkpoints" / name, ignore_errors=True)
+        (files / "r" / "checkpoints" / "latest").unlink(missing_ok=True)
+    code, out, err = run(capsys, "train", "pretrain", "--out", "r", "--resume", "--steps", "6")
+    assert code == 0 and "resuming pretrain at update 3" in out, out + err
+    assert run(capsys, "train", "pretrain", "--data", "pre.txt", "--out", "straight", "--steps", "6", *optimizer,
+               *TINY)[0] == 0
+    a, b = params_of(files / "r"), params_of(files / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((files / "r" / "config.json").read_text())
+    assert config["optimizer"] == (optimizer[1] if optimizer[0] == "--optimizer" else "adamw")
+
+
+@pytest.mark.parametrize("argv, contains", [
+    (["--optimizer", "lion"], "--optimizer must be one of adamw, muon, schedule_free"),
+    (["--optimizer", "schedule_free", "--schedule", "cosine"], "drop --schedule cosine"),
+    (["--adam-learning-rate", "1e-3"], "add --optimizer muon"),
+    (["--schedule", "step"], "--schedule must be one of"),
+    (["--schedule", "linear", "--warmup-steps", "2"], "needs a schedule with a warm-up"),
+])
+def test_optimizer_and_schedule_flags_refuse_what_cannot_work(files, capsys, argv, contains):
+    code, _, err = run(capsys, "train", "pretrain", "--data", "pre.txt", "--out", "r", "--steps", "3", *argv, *TINY)
+    assert_one_line_error(code, err, expect_code=2, contains=[contains])

@@ -204,3 +204,63 @@ def test_a_weighted_list_of_dpo_losses_trains_on_their_weighted_sum():
     # a reference-free type keeps no reference copy
     assert "ref_params" not in parts[1].init(params).extras and "ref_params" in state.extras
     assert rpo.config["loss_type"] == ["sigmoid", "sft"] and rpo.config["loss_weights"] == [1.0, 0.5]
+
+
+# --------------------------------------------------------------------------- optimizer=
+
+
+def manual_steps(params, batches, transform):
+    """The same update written by hand: loss -> autograd grads -> clip (torch's formula) -> transform."""
+    model = mf.build_model(CFG)
+    opt_state = transform.init(params)
+    for b in batches:
+        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        logits = model.apply(p, b["input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=IGN)
+        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+        grads = {k: g * torch.clamp(1.0 / (norm + 1e-6), max=1.0) for k, g in grads.items()}
+        updates, opt_state = transform.update(grads, opt_state, params)
+        params = mf.optim.apply_updates(params, updates)
+    return params, opt_state
+
+
+@pytest.mark.parametrize("which", ["muon", "schedule_free"])
+def test_create_trainer_takes_any_transform_after_clipping(which):
+    model = mf.build_model(CFG)
+    params = {k: v.double() for k, v in model.init(0).items()}
+    batches = lm_batches(5, seed=3)
+    schedule = mf.schedules.warmup_cosine(0.02, 2, 5)
+    if which == "muon":
+        factory = lambda lr: mf.optim.muon_with_adamw(lr, adam_learning_rate=3e-3)  # noqa: E731
+        trainer = mf.create_trainer("pretrain", model, learning_rate=0.02, schedule=schedule, optimizer=factory)
+        reference = factory(schedule)
+    else:
+        reference = mf.optim.schedule_free_adamw(3e-3, warmup_steps=2)
+        trainer = mf.create_trainer("pretrain", model, learning_rate=3e-3, optimizer=reference)
+    state = trainer.init(params)
+    for b in batches:
+        state, metrics = trainer.step(state, b)
+    expected = schedule(4) if which == "muon" else torch.tensor(3e-3, dtype=torch.float64)
+    assert float(metrics["lr"]) == pytest.approx(float(expected))  # the rate it was given, reported
+    want, want_opt = manual_steps(params, batches, reference)
+    for k in params:
+        torch.testing.assert_close(state.params[k], want[k], rtol=1e-10, atol=1e-12)
+    if which == "schedule_free":  # evaluated at the average x, not at the iterate y it trains
+        x = mf.optim.schedule_free_eval_params(want_opt, want)
+        held = lm_batches(2, seed=9)
+        ev = trainer.evaluate(state, held)
+        loss_fn = trainer.loss_fn
+        total = sum(float(loss_fn(x, b, {})[0]) for b in held)
+        count = sum(int((b["labels"] != IGN).sum()) for b in held)
+        assert ev["loss"] == pytest.approx(total / count, rel=1e-10)
+        total_y = sum(float(loss_fn(state.params, b, {})[0]) for b in held)
+        assert ev["loss"] != pytest.approx(total_y / count, rel=1e-6)
+
+
+def test_create_trainer_refuses_an_optimizer_that_is_not_a_transform():
+    model = mf.build_model(CFG)
+    with pytest.raises(TypeError, match="not a Transform"):
+        mf.create_trainer("pretrain", model, optimizer=lambda lr: "adam")
+    with pytest.raises(TypeError, match="must be a Transform"):
+        mf.create_trainer("pretrain", model, optimizer=3)
