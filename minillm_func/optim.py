@@ -1351,15 +1351,18 @@ def muon(learning_rate, ns_coeffs=_NS_COEFFS, ns_steps: int = 5, beta: float = 0
         state = opt.init(params)          # PartitionState({"muon": (MuonState, ...), "adam": (...)})
         params, state = step(opt, grads, state, params)
     """
-    _check_range("muon", learning_rate, "learning_rate", 0.0, float("inf"))
-    if adam_learning_rate is None:
-        adam_learning_rate = learning_rate
-    return partition(
-        {"muon": _muon_chain(learning_rate, ns_coeffs, ns_steps, beta, eps, weight_decay, weight_decay_mask,
-                             mu_dtype, nesterov, adaptive, preconditioning, consistent_rms, ns_dtype),
-         "adam": chain(_scale_by_adam_optax(adam_b1, adam_b2, eps, adam_eps_root, mu_dtype, nesterov),
-                       add_decayed_weights(adam_weight_decay), scale_by_learning_rate(adam_learning_rate))},
-        _matrix_or_adam, allow_unused=True)
+    adam_learning_rate = _check_muon_rates("muon", learning_rate, adam_learning_rate)
+    matrices = _muon_chain(learning_rate, ns_coeffs, ns_steps, beta, eps, weight_decay, weight_decay_mask,
+                           mu_dtype, nesterov, adaptive, preconditioning, consistent_rms, ns_dtype)
+    adam = chain(_scale_by_adam_optax(adam_b1, adam_b2, eps, adam_eps_root, mu_dtype, nesterov),
+                 add_decayed_weights(adam_weight_decay), scale_by_learning_rate(adam_learning_rate))
+    return partition({"muon": matrices, "adam": adam}, _matrix_or_adam, allow_unused=True)
+
+
+def _check_muon_rates(who: str, learning_rate, adam_learning_rate):
+    """Muon's rate checked; the Adam side's rate, ``learning_rate`` when not given (optax's rule)."""
+    _check_range(who, learning_rate, "learning_rate", 0.0, float("inf"))
+    return learning_rate if adam_learning_rate is None else adam_learning_rate
 
 
 def muon_with_adamw(learning_rate, adam_learning_rate=None, *, beta: float = 0.95, nesterov: bool = True,
@@ -1403,14 +1406,11 @@ def muon_with_adamw(learning_rate, adam_learning_rate=None, *, beta: float = 0.9
         state = opt.init(params)   # (ClipState, PartitionState({"muon": (MuonState, ...), "adamw": AdamWState}))
         params, state = step(opt, grads, state, params)
     """
-    _check_range("muon_with_adamw", learning_rate, "learning_rate", 0.0, float("inf"))
-    if adam_learning_rate is None:
-        adam_learning_rate = learning_rate
-    return partition(
-        {"muon": _muon_chain(learning_rate, ns_coeffs, ns_steps, beta, eps, weight_decay, weight_decay_mask,
-                             mu_dtype, nesterov, adaptive, preconditioning, consistent_rms, ns_dtype),
-         "adamw": adamw(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay, adam_mask, impl=impl)},
-        param_labels, allow_unused=True)
+    adam_learning_rate = _check_muon_rates("muon_with_adamw", learning_rate, adam_learning_rate)
+    matrices = _muon_chain(learning_rate, ns_coeffs, ns_steps, beta, eps, weight_decay, weight_decay_mask,
+                           mu_dtype, nesterov, adaptive, preconditioning, consistent_rms, ns_dtype)
+    rest = adamw(adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay, adam_mask, impl=impl)
+    return partition({"muon": matrices, "adamw": rest}, param_labels, allow_unused=True)
 
 
 # --------------------------------------------------------------------------- masking, injection
