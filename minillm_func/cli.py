@@ -134,6 +134,8 @@ TRAIN_SETTINGS = {
     "dist_timeout": (60.0, float, "seconds a data-parallel peer may stay silent before the run stops"),
 }
 
+# config.json's settings_version: 2 from when `pack` also meant padding-free packing of SFT and DPO data.
+SETTINGS_VERSION = 2
 OPTIMIZERS = ("adamw", "muon", "schedule_free")
 SCHEDULES = ("cosine", "warmup_cosine", "wsd", "linear", "constant")
 
@@ -605,6 +607,8 @@ def _read_run_config(out: Path) -> dict:
 def _merge_resumed(saved: dict, given: dict, source: str) -> dict:
     """The run's own settings, with the safe ones that ``given`` changes; any other change is refused."""
     s = {name: saved.get(name, TRAIN_SETTINGS[name][0]) for name in TRAIN_SETTINGS}
+    if saved.get("settings_version", 1) < 2 and saved.get("kind") != "pretrain":
+        s["pack"] = None  # before version 2, `pack` meant pretraining blocks only: other stages were never packed
     for name, value in given.items():
         if name in RESUME_SAFE:
             s[name] = value
@@ -691,13 +695,6 @@ def _train(args) -> None:
         limit = _max_length_limit(s["dim"], s["n_layers"], vocab, s["batch_size"])
         why = (f"about the most one batch of {s['batch_size']} sequences fits in half of this machine's memory "
                "at this model size (lower --batch-size for longer ones)")
-    # Packed pairs: a row holds whole pairs, chosen and rejected, of up to --max-length tokens each.
-    row_length = 2 * s["max_length"] if s["pack"] and args.kind in ("dpo", "orpo") else s["max_length"]
-    if row_length > limit and row_length != s["max_length"]:
-        if "max_length" in given:
-            raise UsageError(f"--pack puts whole pairs in a row of 2 x --max-length = {row_length} tokens, more "
-                             f"than the limit {limit} ({why}); give --max-length {limit // 2} or less.")
-        s["max_length"], row_length = limit // 2, 2 * (limit // 2)
     if s["max_length"] > limit:
         raise UsageError(f"--max-length {s['max_length']} is too long: the limit is {limit} ({why}).")
 
@@ -725,7 +722,7 @@ def _train(args) -> None:
         else:
             tok = ByteTokenizer()
         model = build_model(ModelConfig(vocab_size=tok.vocab_size, dim=s["dim"], n_layers=s["n_layers"],
-                                        n_heads=s["n_heads"], max_seq_len=row_length))
+                                        n_heads=s["n_heads"], max_seq_len=s["max_length"]))
         params = model.init(s["seed"])
     else:
         params = init_state.params
@@ -779,7 +776,7 @@ def _train(args) -> None:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         record = {"kind": args.kind, "data": str(data_path), "init": init_path, "model": model_path,
-                  "world_size": world, **s}
+                  "world_size": world, "settings_version": SETTINGS_VERSION, **s}
         _write_json(out / "config.json", record)
         if hasattr(tok, "save") and not (out / "tokenizer.json").exists():
             tok.save(out / "tokenizer.json")

@@ -569,7 +569,10 @@ def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig, attention_mask, who: s
             f"got {type(input_ids).__name__} with shape {tuple(getattr(input_ids, 'shape', ()))}. "
             "For one sequence use input_ids[None].")
     require_integer_ids(input_ids, who, "input_ids")
-    if input_ids.shape[1] > cfg.max_seq_len:
+    # Packed rows (position_ids given) may be longer than max_seq_len: what the limit bounds is a
+    # sequence's positions, and each packed sequence restarts at 0 (PackedDataset keeps them below
+    # its max_length); checking the positions' values here would be a host sync in every step.
+    if input_ids.shape[1] > cfg.max_seq_len and position_ids is None:
         raise ValueError(
             f"{who}: sequence length {input_ids.shape[1]} exceeds max_seq_len={cfg.max_seq_len}; "
             "truncate the batch or build the model with a larger max_seq_len.")
@@ -687,6 +690,7 @@ def build_model(cfg: ModelConfig) -> Model:
         ``position_ids`` ``[B, T]`` (padding-free packing): each row holds several
         sequences, the positions restarting at 0 at each; a sequence's logits equal
         those of the sequence run alone, and no attention crosses from one to another.
+        A packed row may be longer than ``max_seq_len``; its positions should stay below it.
 
         ``checkpoint=True`` applies activation checkpointing to every transformer
         block (``torch.utils.checkpoint``, non-reentrant): the forward keeps only

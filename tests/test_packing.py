@@ -256,7 +256,9 @@ def test_cli_trains_sft_and_dpo_packed(tmp_path, monkeypatch, capsys):
     assert cli.main(["train", "dpo", "--data", "dpo.jsonl", "--out", "d", "--init", "s", "--steps", "2",
                      "--pack", "--batch-size", "2", "--no-progress"]) == 0
     config = json.loads((tmp_path / "d" / "config.json").read_text())
-    assert config["pack"] is True and config["max_length"] == 32  # rows of 2 x 32 fit the model's 64
+    assert config["pack"] is True and config["max_length"] == 64  # the model's limit; rows of pairs hold 128
+    _, meta = mf.checkpoint.load(mf.checkpoint.resolve(tmp_path / "d"))
+    assert meta["model_config"]["max_seq_len"] == 64
     code = cli.main(["train", "kto", "--data", "sft.jsonl", "--out", "k", "--pack", "--steps", "1", *tiny])
     assert code == 2 and "--pack applies to" in capsys.readouterr().err
 
@@ -281,3 +283,21 @@ def test_trainer_compositions_give_the_padded_update_on_packed_batches(setup):
     torch.testing.assert_close(mb["loss"], ma["loss"], rtol=1e-10, atol=1e-12)
     for k in a.params:
         torch.testing.assert_close(b.params[k], a.params[k], rtol=1e-10, atol=1e-12)
+
+
+def test_a_run_configured_before_padding_free_packing_resumes_unpacked(tmp_path, monkeypatch, capsys):
+    """config.json of earlier versions holds "pack": true for every stage (it meant pretraining blocks)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in sft_records(5, 24)))
+    tiny = ["--dim", "32", "--n-layers", "1", "--n-heads", "4", "--batch-size", "4", "--max-length", "48",
+            "--T-max", "10", "--no-progress"]
+    assert cli.main(["train", "sft", "--data", "sft.jsonl", "--out", "old", "--steps", "2", *tiny]) == 0
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config["pack"] = True
+    del config["settings_version"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert cli.main(["train", "sft", "--out", "old", "--resume", "--steps", "4", "--no-progress"]) == 0
+    assert cli.main(["train", "sft", "--data", "sft.jsonl", "--out", "straight", "--steps", "4", *tiny]) == 0
+    a = mf.checkpoint.load(mf.checkpoint.resolve(tmp_path / "old"))[0].params
+    b = mf.checkpoint.load(mf.checkpoint.resolve(tmp_path / "straight"))[0].params
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -173,6 +173,7 @@ def test_text_files_split_into_documents_as_read_records_does(pieces, chunk):
         if not expected:
             with pytest.raises(ValueError, match="no documents"):
                 prepare(path, tok, Path(tmp) / "t", progress=False)
+            assert not (Path(tmp) / "t").exists()  # no half-made folder left to block the next prepare
             return
         _, docs = read_shards(prepare(path, tok, Path(tmp) / "t", progress=False))
         assert [tok.decode(d.tolist()) for d in docs] == expected

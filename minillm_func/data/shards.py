@@ -659,6 +659,7 @@ def prepare(inputs, tokenizer, out_dir, *, text_field: str = "text", shard_token
         names = ", ".join(str(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
         warnings.warn(f"prepare: skipped {len(skipped)} file(s) that are not corpus files ({names}); it reads "
                       f"{_ACCEPTED}.", stacklevel=2)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
 
     if tokenizer is None:  # "bpe:VOCAB": trained once; a resumed run takes the one progress.json keeps
@@ -718,9 +719,12 @@ def prepare(inputs, tokenizer, out_dir, *, text_field: str = "text", shard_token
         bar.close()
         if writer.file is not None:
             writer.file.close()
-    if not shards:
-        raise ValueError(f"prepare: the inputs hold no documents ({documents.empty} empty records); "
-                         "nothing to tokenise.")
+    if not shards:  # nothing was written: leave no half-made token folder behind
+        (out / PROGRESS).unlink(missing_ok=True)
+        if created:
+            out.rmdir()
+        raise ValueError(f"prepare: the inputs hold no documents (only empty or blank texts); nothing to "
+                         "tokenise: check --data and the text field.")
     index = {**header, "num_tokens": sum(s["num_tokens"] for s in shards),
              "num_documents": sum(s["num_documents"] for s in shards),
              "skipped_empty": empty_before + documents.empty, "shards": shards}
