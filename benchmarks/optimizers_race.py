@@ -56,13 +56,13 @@ def setup(config: DemoConfig):
     return train, held, model
 
 
-def trainer_for(name: str, lr: float, model, steps: int):
+def trainer_for(name: str, lr: float, model, steps: int, adam_part_lr: float = ADAM_PART_LR):
     warmup = max(1, steps // 10)
     cosine = schedules.warmup_cosine(lr, warmup, max(2, steps), lr / 10)  # the demo's schedule
     if name == "adamw":
         return mf.create_trainer("pretrain", model, learning_rate=lr, schedule=cosine)
     if name == "muon":
-        ratio = ADAM_PART_LR / lr
+        ratio = adam_part_lr / lr
         return mf.create_trainer("pretrain", model, learning_rate=lr, schedule=cosine,
                                  optimizer=lambda s: optim.muon_with_adamw(s, lambda k: ratio * s(k)))
     return mf.create_trainer("pretrain", model, learning_rate=lr,
@@ -70,10 +70,10 @@ def trainer_for(name: str, lr: float, model, steps: int):
 
 
 def one_run(args) -> dict:
-    name, lr, steps, eval_every, config = args
+    name, lr, steps, eval_every, config, adam_part_lr = args
     torch.set_num_threads(1)
     train, held, model = setup(config)
-    trainer = trainer_for(name, lr, model, steps)
+    trainer = trainer_for(name, lr, model, steps, adam_part_lr)
     state = trainer.init(model.init(config.seed))
     batches = mf.Batches(train, config.pretrain_batch, seed=config.seed)
     curve = [(0, trainer.evaluate(state, mf.Batches(held, 64, shuffle=False, epochs=1))["loss"])]
@@ -89,7 +89,7 @@ def updates_to_reach(curve, target: float) -> int | None:
     return next((step for step, loss in curve if loss <= target), None)
 
 
-def step_times(config: DemoConfig, rounds: int) -> dict:
+def step_times(config: DemoConfig, rounds: int, args_adam_part_lr: float = ADAM_PART_LR) -> dict:
     """Median seconds of a train step and of the optimizer update alone, AdamW vs Muon(+AdamW), alternated."""
     torch.set_num_threads(1)
     train, _, model = setup(config)
@@ -98,7 +98,7 @@ def step_times(config: DemoConfig, rounds: int) -> dict:
     grads = {k: torch.randn_like(v) for k, v in params.items()}
     calls = {}
     for name in ("adamw", "muon"):
-        trainer = trainer_for(name, GRIDS[name][1], model, config.pretrain_steps)
+        trainer = trainer_for(name, GRIDS[name][1], model, config.pretrain_steps, args_adam_part_lr)
         box = [trainer.init(params)]
 
         def train_step(trainer=trainer, box=box):
@@ -144,7 +144,15 @@ def main():
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/optimizers_race.png")
+    parser.add_argument("--grid", action="append", default=[], metavar="NAME=LR,LR",
+                        help="replace an optimizer's grid, e.g. muon=0.05,0.1 (given: only the named ones run)")
+    parser.add_argument("--adam-part-lr", type=float, default=ADAM_PART_LR,
+                        help=f"Muon's AdamW part's learning rate (default {ADAM_PART_LR})")
     args = parser.parse_args()
+    grids = dict(GRIDS)
+    if args.grid:
+        grids = {name: [float(v) for v in values.split(",")]
+                 for name, values in (g.split("=", 1) for g in args.grid)}
     config = DemoConfig()
     if args.tiny:
         config = DemoConfig(dim=32, n_layers=1, seq_len=32, pretrain_batch=4, n_eval=4, pretrain_steps=6)
@@ -152,15 +160,19 @@ def main():
     steps = config.pretrain_steps
     print(f"# {machine()}; demo model dim {config.dim}, {config.n_layers} layers, batch {config.pretrain_batch} x "
           f"{config.seq_len}, {steps} updates\n")
-    jobs = [(name, lr, steps, args.eval_every, config) for name, grid in GRIDS.items() for lr in grid]
+    jobs = [(name, lr, steps, args.eval_every, config, args.adam_part_lr) for name, grid in grids.items()
+            for lr in grid]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         runs = list(pool.map(one_run, jobs))
-    best = {name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["final"]) for name in GRIDS}
+    best = {name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["final"]) for name in grids}
     lines = ["| variant | lr | final held-out loss | best of grid | s per run |", "|---|---:|---:|:-:|---:|"]
     for r in runs:
         mark = "yes" if best[r["optimizer"]] is r else ""
         lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r['final']:.4f} | {mark} | {r['seconds']:.0f} |")
     print("\n".join(lines) + "\n")
+    if set(grids) != set(GRIDS):  # a partial race: the runs' table, and their curves in the JSON
+        Path(args.out).with_suffix(".json").write_text(json.dumps({"runs": runs}, indent=1, default=str))
+        return
     target = best["adamw"]["final"]
     reach = updates_to_reach(best["muon"]["curve"], target)
     ratio = reach / steps if reach is not None else float("nan")
