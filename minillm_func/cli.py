@@ -629,7 +629,7 @@ def _train(args) -> None:
     import torch
 
     from . import checkpoint, distributed, schedules
-    from .data import Batches, BPETokenizer, ByteTokenizer, is_token_folder, read_records
+    from .data import Batches, BPETokenizer, is_token_folder, named_tokenizer, read_records
     from .model import ModelConfig, build_model
     from .objectives import add_reference_logps
     from .trainers import create_trainer
@@ -714,13 +714,8 @@ def _train(args) -> None:
         elif kind_tok == "bpe":
             _, records = read_records(data_path)
             tok = BPETokenizer.train(_texts_of(records), vocab_size=tok_arg)
-        elif kind_tok == "file":
-            tok = BPETokenizer.load(tok_arg)
-        elif kind_tok == "folder":
-            from .data import HFTokenizer
-            tok = HFTokenizer.from_folder(tok_arg)
         else:
-            tok = ByteTokenizer()
+            tok = named_tokenizer(kind_tok, tok_arg)
         model = build_model(ModelConfig(vocab_size=tok.vocab_size, dim=s["dim"], n_layers=s["n_layers"],
                                         n_heads=s["n_heads"], max_seq_len=s["max_length"]))
         params = model.init(s["seed"])
@@ -813,7 +808,7 @@ def _token_folder_tokenizer(data_path, kind: str, given: dict, kind_tok: str, to
     from a model (or resumes) keeps the model's; the shards are checked against it
     when they are opened.
     """
-    from .data import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer, read_index
+    from .data import load_tokenizer, named_tokenizer, read_index
     from .data.datasets import RECORD_FIELDS
 
     if kind != "pretrain":
@@ -828,8 +823,7 @@ def _token_folder_tokenizer(data_path, kind: str, given: dict, kind_tok: str, to
     if given.get("tokenizer") is not None:
         same = kind_tok != "bpe"  # a BPE to train now cannot be the one the shards were made with
         if same:
-            other = (ByteTokenizer() if kind_tok == "byte" else BPETokenizer.load(tok_arg) if kind_tok == "file"
-                     else HFTokenizer.from_folder(tok_arg))
+            other = named_tokenizer(kind_tok, tok_arg)
             same = json.dumps(other.to_json(), sort_keys=True) == json.dumps(made.to_json(), sort_keys=True)
         if not same:
             raise UsageError(f"--tokenizer {given['tokenizer']} conflicts with --data {data_path}, whose tokens were "

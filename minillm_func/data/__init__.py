@@ -7,12 +7,12 @@ from .formats import detect_kind, load_dataset, read_records, records_from_hf
 from .loader import Batches, collate
 from .packing import PackedDataset, best_fit_decreasing
 from .shards import TokenShards, is_token_folder, prepare, read_index
-from .tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer, parse_tokenizer_spec
+from .tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer, named_tokenizer, parse_tokenizer_spec
 
 __all__ = [
     "Batches", "best_fit_decreasing", "BPETokenizer", "ByteTokenizer", "chat_prompt", "collate",
     "ConversationDataset", "demo_corpus", "DemoCorpus", "detect_kind", "HFTokenizer", "is_token_folder",
-    "LanguageModelingDataset", "load_dataset", "load_tokenizer", "PackedDataset", "parse_tokenizer_spec",
+    "LanguageModelingDataset", "load_dataset", "load_tokenizer", "named_tokenizer", "PackedDataset", "parse_tokenizer_spec",
     "PreferenceDataset", "prepare", "PromptDataset", "read_index", "read_records", "records_from_hf", "render_chat",
     "render_messages", "ROLES", "start_ids", "tokenize_chat", "TokenShards", "UnpairedPreferenceDataset",
     "validate_record",

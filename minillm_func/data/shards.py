@@ -94,7 +94,8 @@ import torch
 
 from ..labels import IGNORE_INDEX
 from .datasets import start_ids
-from .tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer, parse_tokenizer_spec
+from .tokenizers import (BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer, named_tokenizer,
+                         parse_tokenizer_spec)
 
 __all__ = ["prepare", "TokenShards", "read_index", "is_token_folder", "FORMAT", "VERSION",
            "DEFAULT_SHARD_TOKENS", "DEFAULT_BPE_SAMPLE_BYTES"]
@@ -556,8 +557,7 @@ def _tokenizer_source(tokenizer, bpe_sample_bytes: int):
             raise ValueError(f"prepare: tokenizer {e} (or pass a tokenizer object)") from None
         if kind == "bpe":
             return None, {"train_bpe": arg, "sample_bytes": bpe_sample_bytes}
-        tokenizer = {"byte": lambda: ByteTokenizer(), "folder": lambda: HFTokenizer.from_folder(arg),
-                     "file": lambda: BPETokenizer.load(arg)}[kind]()
+        tokenizer = named_tokenizer(kind, arg)
     for name in ("encode", "eos_id", "vocab_size", "to_json"):
         if not hasattr(tokenizer, name):
             raise TypeError(f"prepare: the tokenizer must have {name} (like mf.ByteTokenizer()), "

@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = ["ByteTokenizer", "BPETokenizer", "HFTokenizer", "load_tokenizer", "parse_tokenizer_spec"]
+__all__ = ["ByteTokenizer", "BPETokenizer", "HFTokenizer", "load_tokenizer", "parse_tokenizer_spec", "named_tokenizer"]
 
 
 def _tokenizers_lib():
@@ -547,3 +547,17 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, object]:
         raise ValueError(f"{spec}: no such file; use byte, bpe:VOCAB, a path to a tokenizer.json, or a Hugging Face "
                          "folder holding tokenizer.json and tokenizer_config.json.")
     return "file", path
+
+
+def named_tokenizer(kind: str, arg):
+    """The tokenizer :func:`parse_tokenizer_spec` named: ``("byte", None)``, ``("file", path)`` (a
+    tokenizer.json) or ``("folder", path)`` (a Hugging Face folder). A ``"bpe"`` one has to be trained
+    first (``BPETokenizer.train``), on data only the caller has."""
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "file":
+        return BPETokenizer.load(arg)
+    if kind == "folder":
+        return HFTokenizer.from_folder(arg)
+    raise ValueError(f"named_tokenizer: a {kind!r} tokenizer is not built from its name; "
+                     "expected byte, file or folder.")
