@@ -1547,10 +1547,15 @@ def inject_hyperparams(factory: Callable[..., Transform]) -> Callable[..., Trans
 # --------------------------------------------------------------------------- wrappers: finding a state
 
 
+def _states_of(opt_state: PyTree, cls: type) -> list:
+    """Every ``cls`` state inside ``opt_state`` (through chain, masked, inject_hyperparams and the wrappers)."""
+    return [s for s in optree.tree_flatten(opt_state, is_leaf=lambda x: isinstance(x, cls), none_is_leaf=True)[0]
+            if isinstance(s, cls)]
+
+
 def _find_state(opt_state: PyTree, cls: type, who: str, hint: str):
-    """The one ``cls`` state inside ``opt_state`` (through chain, masked, inject_hyperparams and the wrappers)."""
-    found = [s for s in optree.tree_flatten(opt_state, is_leaf=lambda x: isinstance(x, cls), none_is_leaf=True)[0]
-             if isinstance(s, cls)]
+    """The one ``cls`` state inside ``opt_state``."""
+    found = _states_of(opt_state, cls)
     if len(found) != 1:
         raise ValueError(f"{who}: opt_state holds {len(found) or 'no'} {cls.__name__}{'s' if found else ''}, it "
                          f"needs exactly one. {hint}")
@@ -2169,6 +2174,4 @@ def evaluation_params(opt_state: PyTree, params: PyTree) -> PyTree:
     gradients are taken, and the model is the average :math:`x`
     (:func:`schedule_free_eval_params`); for every other optimizer, ``params`` themselves.
     """
-    found = [s for s in optree.tree_flatten(opt_state, is_leaf=lambda x: isinstance(x, ScheduleFreeState),
-                                            none_is_leaf=True)[0] if isinstance(s, ScheduleFreeState)]
-    return schedule_free_eval_params(opt_state, params) if found else params
+    return schedule_free_eval_params(opt_state, params) if _states_of(opt_state, ScheduleFreeState) else params

@@ -284,13 +284,17 @@ def _diverged_message(kind: str, skipped: int, last_loss, done: int, config: dic
             "lower the learning rate, or train in bf16/fp32.")
 
 
-def _epochs_done(batches) -> float | None:
-    """Epochs ``batches`` has yielded, fractional (``Batches``: from its position and batches per epoch)."""
-    position = _position(batches)
+def _per_epoch(batches) -> int | None:
+    """Batches per epoch (``len(batches)``), or None for an iterable that does not say."""
     try:
-        per_epoch = len(batches)
+        return len(batches)
     except TypeError:
         return None
+
+
+def _epochs_done(batches) -> float | None:
+    """Epochs ``batches`` has yielded, fractional (``Batches``: from its position and batches per epoch)."""
+    position, per_epoch = _position(batches), _per_epoch(batches)
     if position is None or len(position) != 2 or not per_epoch:
         return None
     return position[0] + position[1] / per_epoch
@@ -298,12 +302,8 @@ def _epochs_done(batches) -> float | None:
 
 def _updates_in(batches, done: int, k: int) -> int | None:
     """The update count at which ``batches`` runs out, when it says how long it is; else None."""
-    try:
-        per_epoch = len(batches)
-    except TypeError:
-        return None
-    epochs, position = getattr(batches, "epochs", 1), _position(batches)
-    if epochs is None:  # endless
+    per_epoch, epochs, position = _per_epoch(batches), getattr(batches, "epochs", 1), _position(batches)
+    if per_epoch is None or epochs is None:  # it does not say, or it is endless
         return None
     left = epochs * per_epoch - (position[0] * per_epoch + position[1] if position and len(position) == 2 else 0)
     return done + max(0, left) // k
