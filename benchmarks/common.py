@@ -1,6 +1,7 @@
 """Shared helpers for the benchmark scripts: round-robin timing and a ratio table."""
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import platform
@@ -8,6 +9,22 @@ import statistics
 import time
 
 import torch
+
+
+def arguments(doc: str, *, threads: int = 2, tiny: str = "a smoke-test size (seconds)") -> argparse.ArgumentParser:
+    """A parser with the flags every benchmark takes: ``--tiny`` and ``--threads`` (torch's CPU threads);
+    read it with :func:`parse`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help=tiny)
+    parser.add_argument("--threads", type=int, default=threads)
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser.parse_args()``, with torch's thread count set from ``--threads``."""
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def machine() -> str:

@@ -34,7 +34,6 @@ the same in every variant.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -50,7 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine  # noqa: E402
+from common import arguments, machine, parse  # noqa: E402
 
 import minillm_func as mf  # noqa: E402
 from minillm_func.data import Batches, PackedDataset  # noqa: E402
@@ -296,12 +295,9 @@ def memory_table(rows: list[dict], size: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true")
+    parser = arguments(__doc__, threads=1)
     parser.add_argument("--only", choices=["prepare", "memory", "packing"])
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(parser)
     print(f"# {machine()}\n")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, round_robin, table  # noqa: E402
+from common import arguments, machine, parse, round_robin, table  # noqa: E402
 from memory import _measure_peak as measure_peak  # noqa: E402  (benchmarks/memory.py)
 
 import minillm_func as mf  # noqa: E402
@@ -95,13 +95,10 @@ def peak_growth_mib(name: str, tiny: bool) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tiny", action="store_true")
+    parser = arguments(__doc__)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(parser)
     if args.memory_of:
         print(json.dumps({"mib": peak_growth_mib(args.memory_of, args.tiny)}))
         return

@@ -4,27 +4,23 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, round_robin, table  # noqa: E402
+from common import arguments, machine, parse, round_robin, table  # noqa: E402
 
 import minillm_func as mf  # noqa: E402
 from minillm_func import ensemble  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = arguments(__doc__, tiny='a smoke-test size')
     parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--tiny", action="store_true", help="a smoke-test size")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(parser)
     k, rounds = (2, 3) if args.tiny else (args.k, args.rounds)
     cfg = mf.ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, max_seq_len=64)
     model = mf.build_model(cfg)

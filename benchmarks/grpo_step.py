@@ -10,14 +10,13 @@ tokens per second of the rollout and the tokens per second the update processes
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, round_robin  # noqa: E402
+from common import arguments, machine, parse, round_robin  # noqa: E402
 
 import minillm_func as mf  # noqa: E402
 from minillm_func.data.demo_tasks import answer_reward, demo_corpus  # noqa: E402
@@ -27,11 +26,8 @@ SIZES = {"demo": dict(dim=128, n_layers=4, n_heads=4, prompts=8, G=8, completion
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser = arguments(__doc__)
+    args = parse(parser)
     size = SIZES["tiny" if args.tiny else "demo"]
     tok = mf.ByteTokenizer()
     model = mf.build_model(mf.ModelConfig(vocab_size=tok.vocab_size, dim=size["dim"], n_layers=size["n_layers"],

@@ -18,7 +18,6 @@ moments, frozen extras; the buffers the pure update recycles are not counted).
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -27,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from common import arguments, machine, parse, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 import minillm_func as mf  # noqa: E402
 from minillm_func import tree as T  # noqa: E402
@@ -50,11 +49,8 @@ def _bytes(tree) -> int:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser = arguments(__doc__)
+    args = parse(parser)
     size = TINY if args.tiny else FULL
     cfg = mf.ModelConfig(vocab_size=size["vocab"], dim=size["dim"], n_layers=size["n_layers"],
                          n_heads=size["n_heads"], max_seq_len=size["seq"], tie_embeddings=False)

@@ -29,7 +29,6 @@ more update of each variant: they are what fresh outputs cost.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import sys
@@ -38,7 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, round_robin, table  # noqa: E402
+from common import arguments, machine, parse, round_robin, table  # noqa: E402
 
 from minillm_func import optim  # noqa: E402
 from minillm_func import tree as T  # noqa: E402
@@ -55,14 +54,11 @@ def gpt2_small_shapes(vocab=50304, dim=768, layers=12, ctx=1024):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="small shapes, few rounds (smoke test)")
+    parser = arguments(__doc__, tiny='small shapes, few rounds (smoke test)')
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="add the reference update under torch.compile")
     parser.add_argument("--no-torch-foreach", action="store_true", help="skip torch's foreach AdamW (saves 1.5 GB)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(parser)
     shapes = gpt2_small_shapes(vocab=512, dim=64, layers=2, ctx=64) if args.tiny else gpt2_small_shapes()
     rounds = 3 if args.tiny else args.rounds
     gen = torch.Generator().manual_seed(0)

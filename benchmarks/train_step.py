@@ -18,7 +18,6 @@ the measured peak of one large matmul on this machine.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, round_robin, table  # noqa: E402
+from common import arguments, machine, parse, round_robin, table  # noqa: E402
 
 import minillm_func as mf  # noqa: E402
 
@@ -117,14 +116,11 @@ def run_size(name, size, device, dtype, rounds, compile_it):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tiny", action="store_true", help="smoke test: tiny size, 3 rounds, no compile")
+    parser = arguments(__doc__, tiny='smoke test: tiny size, 3 rounds, no compile')
     parser.add_argument("--gpu", action="store_true", help="CUDA, bf16, GPT-2-small shapes")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(parser)
     if args.gpu:
         if not torch.cuda.is_available():
             raise SystemExit("--gpu needs CUDA; none is available here.")
